@@ -68,10 +68,16 @@ class ManualClock:
     async def run_for(self, seconds: float, step: float = 1.0) -> None:
         """Advance in steps, yielding to the event loop between them so woken tasks run."""
         end = self._now + timedelta(seconds=seconds)
+        await settle()
         while self._now < end:
             self.set(min(end, self._now + timedelta(seconds=step)))
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await settle()
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let ready tasks run (several hops each) before the manual clock moves again."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
 
 
 class ScaledClock:

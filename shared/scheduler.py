@@ -1,4 +1,4 @@
-"""The scheduler boundary: what autogrow reads from an HPC scheduler and the two things it asks of it.
+"""The scheduler boundary: what autogrow reads from an HPC scheduler and what it asks of it.
 
 Implementations: Slurm (squeue/sinfo/scontrol) and a simulated scheduler replaying a workload trace.
 The snapshot types are also the payload of `QueueDepthChanged`, so they are plain frozen models.
@@ -58,7 +58,9 @@ class QueueSnapshot(BaseModel):
         default=(), description="Waiting demand per partition."
     )
     running_jobs: int = Field(default=0, ge=0, description="Jobs running now.")
-    nodes: tuple[SchedulerNode, ...] = Field(default=(), description="Every node the scheduler knows.")
+    nodes: tuple[SchedulerNode, ...] = Field(
+        default=(), description="Every node the scheduler knows."
+    )
 
     @property
     def pending_jobs(self) -> int:

@@ -1,0 +1,10 @@
+"""autogrow's API as a uvicorn factory: `uvicorn --factory services.autogrow.app:create_app`."""
+
+from fastapi import FastAPI
+
+from services.autogrow.service import build
+from shared.process import service_app
+
+
+def create_app() -> FastAPI:
+    return service_app(build, title="hpcfleet autogrow")

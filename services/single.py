@@ -1,0 +1,64 @@
+"""Every service in one process: one API on one port, the workers beside it, one bus and store.
+
+This is what `hpcfleet up` runs. It goes through the same services, handlers, loops and outbox
+relays as the distributed mode; only the runtime differs (by default an in-memory bus and SQLite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from deploy.migrations import upgrade
+from services.registry import SERVICES
+from shared.api import create_app
+from shared.service import Runtime, Service
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def running(runtime: Runtime, services: list[Service]) -> AsyncIterator[None]:
+    """Migrate, start the bus and every service's worker; stop them all on exit."""
+    await upgrade(runtime.engine)
+    await runtime.start()
+    try:
+        for service in services:
+            await service.start_worker(runtime.bus)
+        yield
+    finally:
+        await runtime.bus.stop()
+        await asyncio.gather(*(service.stop() for service in services))
+        await runtime.close()
+
+
+def single_process_app(runtime: Runtime) -> FastAPI:
+    services = [build(runtime) for build in SERVICES.values()]
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with running(runtime, services):
+            yield
+
+    return create_app(
+        title="hpcfleet",
+        description="Every hpcfleet service in one process.",
+        routers=[service.router for service in services],
+        readiness=runtime.readiness(),
+        lifespan=lifespan,
+    )
+
+
+async def serve(runtime: Runtime, host: str, port: int) -> None:
+    app = single_process_app(runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    await server.serve()
