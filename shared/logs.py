@@ -35,7 +35,17 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiormq", "aio_pika", "botocore", "aiobotocore", "urllib3", "werkzeug"):
+    for noisy in (
+        "aiormq",
+        "aio_pika",
+        "botocore",
+        "aiobotocore",
+        "urllib3",
+        "werkzeug",
+        "httpcore",
+        "httpx",
+        "signxml",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*_shared_processors, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
