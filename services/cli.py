@@ -10,6 +10,7 @@ from enum import StrEnum
 import typer
 import uvicorn
 
+from services.auth.login import login_command, logout_command
 from services.registry import SERVICES
 from shared.logs import configure_logging
 from shared.settings import ConfigurationError, Settings, load_settings
@@ -19,6 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+app.command("login")(login_command)
+app.command("logout")(logout_command)
 
 
 class ServiceName(StrEnum):

@@ -258,7 +258,7 @@ def _verify_signature(
             ) from None
         except InvalidSignature:
             continue
-        except InvalidInput as exc:
+        except (InvalidInput, etree.DocumentInvalid) as exc:
             raise SamlSignatureError(f"the Assertion's signature is unusable: {exc}") from None
         signed = result.signed_xml  # type: ignore[union-attr]
         if (
