@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from enum import StrEnum
 
@@ -30,6 +31,7 @@ class ServiceName(StrEnum):
     bakery = "bakery"
     pool = "pool"
     autogrow = "autogrow"
+    audit = "audit"
 
 
 def _settings() -> Settings:
@@ -70,6 +72,9 @@ def up(
 def serve(service: ServiceName, port: int | None = typer.Option(None, help="Port.")) -> None:
     """Run one service's API (uvicorn)."""
     settings = _settings()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with a handler of our
+    # own in place that second SIGTERM is a no-op and the process exits 0 like the workers do.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     uvicorn.run(
         f"services.{service.value}.app:create_app",
         factory=True,

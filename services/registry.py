@@ -1,5 +1,6 @@
 """Every service's builder, by name: the one list the cross-service composition roots share."""
 
+from services.audit.service import build as build_audit
 from services.auth.service import build as build_auth
 from services.autogrow.service import build as build_autogrow
 from services.bakery.service import build as build_bakery
@@ -11,4 +12,5 @@ SERVICES: dict[str, ServiceBuilder] = {
     "bakery": build_bakery,
     "pool": build_pool,
     "autogrow": build_autogrow,
+    "audit": build_audit,
 }

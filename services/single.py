@@ -50,7 +50,7 @@ def single_process_app(runtime: Runtime) -> FastAPI:
         title="hpcfleet",
         description="Every hpcfleet service in one process.",
         routers=[service.router for service in services],
-        readiness=runtime.readiness(),
+        readiness=[*runtime.readiness(), *(c for s in services for c in s.readiness)],
         lifespan=lifespan,
     )
 

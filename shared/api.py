@@ -16,12 +16,16 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.clock import Clock
+from shared.tokens import TokenClaims, TokenError, TokenScopeMissing, TokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,43 @@ REQUESTS = Counter(
 LATENCY = Histogram("hpcfleet_http_request_seconds", "HTTP request latency", ["method", "route"])
 
 ReadinessCheck = tuple[str, Callable[[], Awaitable[None]]]
+_bearer = HTTPBearer(
+    auto_error=False, description="A token from `hpcfleet login` or POST /auth/token."
+)
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class ApiGuard:
+    """Every service route needs a bearer token: `<service>:read` to look, `<service>:write` to
+    change anything. Tokens are verified locally with auth's public key(s)."""
+
+    def __init__(self, verifier: TokenVerifier, clock: Clock) -> None:
+        self.verifier = verifier
+        self.clock = clock
+
+    def for_service(self, service: str) -> Callable[..., Awaitable[TokenClaims]]:
+        async def require_token(
+            request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+        ) -> TokenClaims:
+            if credentials is None:
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    "a bearer token is required (hpcfleet login, or POST /auth/token)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            scope = f"{service}:{'read' if request.method in _READ_METHODS else 'write'}"
+            try:
+                claims = self.verifier.verify(credentials.credentials, self.clock.now(), [scope])
+            except TokenScopeMissing as exc:
+                raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+            except TokenError as exc:
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
+                ) from None
+            request.state.claims = claims
+            return claims
+
+        return require_token
 
 
 def operation_id(route: APIRoute) -> str:
@@ -45,7 +86,11 @@ def create_app(
     readiness: Sequence[ReadinessCheck] = (),
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None,
     description: str = "",
+    guard: ApiGuard | None = None,
+    public_prefixes: Sequence[str] = ("/auth",),
 ) -> FastAPI:
+    """The app; with a `guard`, every router outside `public_prefixes` requires a token (auth's
+    own routes check tokens themselves)."""
     app = FastAPI(
         title=title,
         description=description,
@@ -54,7 +99,11 @@ def create_app(
         generate_unique_id_function=operation_id,
     )
     for router in routers:
-        app.include_router(router)
+        if guard is None or not router.prefix or router.prefix in public_prefixes:
+            app.include_router(router)
+        else:
+            service = router.prefix.strip("/")
+            app.include_router(router, dependencies=[Depends(guard.for_service(service))])
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")
     async def healthz() -> dict[str, str]:

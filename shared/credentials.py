@@ -12,7 +12,6 @@ No long-term key is involved anywhere: the service holds only its auth client se
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ import aioboto3
 import httpx
 from aiobotocore.credentials import AioCredentialResolver, AioDeferredRefreshableCredentials
 from aiobotocore.session import AioSession
+
+from shared.tokens import SecretError, SecretRef
 
 Credentials = tuple[str, str, str | None]
 """(access key, secret key, session token): what `AwsCloud` accepts from a provider callable."""
@@ -50,26 +51,18 @@ class VendedCredentials:
 
 
 def read_secret(reference: str) -> Callable[[], str]:
-    """A reader for `file:<path>` or `env:<NAME>` (the same references auth's settings take),
-    re-read on each call so a rotated secret is picked up; a literal is refused."""
-    kind, sep, location = reference.partition(":")
-    if not sep or not location or kind not in ("file", "env"):
-        raise CredentialsError("a secret must be given as 'file:<path>' or 'env:<NAME>'")
+    """A reader for a `file:`/`env:` secret reference, re-read on each call so a rotated secret is
+    picked up; a literal is refused."""
+    try:
+        secret = SecretRef.parse(reference)
+    except SecretError as exc:
+        raise CredentialsError(str(exc)) from None
 
     def read() -> str:
-        if kind == "file":
-            try:
-                value = Path(location).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise CredentialsError(
-                    f"cannot read secret file {location}: {exc.strerror}"
-                ) from None
-        else:
-            value = os.environ.get(location, "")
-        value = value.strip()
-        if not value:
-            raise CredentialsError(f"the secret at {kind}:{location} is empty or missing")
-        return value
+        try:
+            return secret.read().strip()
+        except SecretError as exc:
+            raise CredentialsError(str(exc)) from None
 
     return read
 

@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from shared.api import create_app
+from shared.api import ApiGuard, create_app
+from shared.clock import Clock
 from shared.logs import configure_logging
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
+from shared.tokens import TokenVerifier
 
 ServiceBuilder = Callable[[Runtime], Service]
 
@@ -56,10 +58,35 @@ def worker_main(build: ServiceBuilder) -> None:
     asyncio.run(run_worker(build, settings))
 
 
+def api_guard(settings: Settings, clock: Clock) -> ApiGuard | None:
+    """The token check of a service API, from settings; refuses to run open by accident."""
+    if settings.api_auth == "disabled":
+        return None
+    if settings.token_public_keys is None:
+        raise ConfigurationError(
+            "invalid configuration: HPCFLEET_TOKEN_PUBLIC_KEYS: the API needs auth's public key "
+            "file (or HPCFLEET_API_AUTH=disabled for a local rehearsal)"
+        )
+    try:
+        pem = settings.token_public_keys.read_text()
+        keys = [f"-----BEGIN{part}" for part in pem.split("-----BEGIN")[1:]]
+        return ApiGuard(TokenVerifier(keys), clock)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"invalid configuration: HPCFLEET_TOKEN_PUBLIC_KEYS: cannot use "
+            f"{settings.token_public_keys}: {exc}"
+        ) from None
+
+
 def service_app(build: ServiceBuilder, *, title: str) -> FastAPI:
     """A uvicorn factory for one service's API; it also relays that service's outbox."""
     settings = _settings_or_exit()
     runtime = Runtime.from_settings(settings)
+    try:
+        guard = api_guard(settings, runtime.clock)
+    except ConfigurationError as exc:
+        print(f"hpcfleet: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     service = build(runtime)
 
     @asynccontextmanager
@@ -73,5 +100,9 @@ def service_app(build: ServiceBuilder, *, title: str) -> FastAPI:
             await runtime.close()
 
     return create_app(
-        title=title, routers=[service.router], readiness=runtime.readiness(), lifespan=lifespan
+        title=title,
+        routers=[service.router],
+        readiness=[*runtime.readiness(), *service.readiness],
+        lifespan=lifespan,
+        guard=guard,
     )

@@ -77,6 +77,7 @@ class Service:
     relay_loop: ReconcileLoop
     handlers: Mapping[str, Handler] = field(default_factory=dict)
     loops: Sequence[ReconcileLoop] = ()
+    readiness: Sequence[ReadinessCheck] = ()  # beyond the database and the bus
 
     @classmethod
     def create(
@@ -87,6 +88,7 @@ class Service:
         router: APIRouter,
         handlers: Mapping[str, Handler] | None = None,
         loops: Sequence[ReconcileLoop] = (),
+        readiness: Sequence[ReadinessCheck] = (),
     ) -> Service:
         relay = OutboxRelay(
             mailbox.tables,
@@ -102,7 +104,7 @@ class Service:
             clock=runtime.clock,
         )
         mailbox.on_emit = relay_loop.kick
-        return cls(name, router, mailbox, relay, relay_loop, handlers or {}, loops)
+        return cls(name, router, mailbox, relay, relay_loop, handlers or {}, loops, readiness)
 
     def start_relay(self) -> None:
         self.relay_loop.start()

@@ -6,6 +6,7 @@ A bad value stops the process with one line that names the variable (see `load_s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import AnyUrl, Field, ValidationError, field_validator
@@ -44,6 +45,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API listens on.")
+    api_auth: Literal["required", "disabled"] = Field(
+        default="required",
+        description="Whether service APIs demand a bearer token (disable only to rehearse).",
+    )
+    token_public_keys: Path | None = Field(
+        default=None, description="PEM file with auth's token-verification public key(s)."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -4,6 +4,7 @@ from typing import Any, Literal
 
 from alembic import context
 
+import services.audit.tables
 import services.auth.tables
 import services.autogrow.tables
 import services.bakery.tables

@@ -64,7 +64,8 @@ from services.auth.saml import (
     verify_response,
 )
 from services.auth.settings import NAME_PATTERN, AuthSettings
-from services.auth.tokens import (
+from shared.clock import Clock
+from shared.tokens import (
     SecretError,
     TokenClaims,
     TokenError,
@@ -73,7 +74,6 @@ from services.auth.tokens import (
     TokenVerifier,
     key_id,
 )
-from shared.clock import Clock
 
 log = logging.getLogger(__name__)
 

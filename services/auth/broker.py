@@ -25,8 +25,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from services.auth.adfs import AdfsClient
 from services.auth.saml import SamlAssertion, SamlRoleError, SamlTrust, verify_response
-from services.auth.tokens import SecretRef
 from shared.clock import Clock
+from shared.tokens import SecretRef
 
 log = logging.getLogger(__name__)
 

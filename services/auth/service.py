@@ -20,15 +20,15 @@ from services.auth.api import CLIENT_SCOPES, AuthContext, make_router
 from services.auth.saml import SamlTrust, load_certificates
 from services.auth.settings import AuthSettings
 from services.auth.tables import MAILBOX
-from services.auth.tokens import (
+from shared.service import Runtime, Service
+from shared.settings import ConfigurationError, load_settings
+from shared.tokens import (
     SecretError,
     TokenIssuer,
     TokenVerifier,
     generate_signing_key,
     load_signing_key,
 )
-from shared.service import Runtime, Service
-from shared.settings import ConfigurationError, load_settings
 
 CONSUMER = "auth"
 

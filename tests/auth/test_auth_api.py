@@ -26,11 +26,11 @@ from services.auth.broker import AwsCredentials, BrokerError, CredentialsUnavail
 from services.auth.devidp import DevIdp, DevIdpConfig, DevUser, SigningKeyPair, role_value
 from services.auth.service import assemble
 from services.auth.settings import AuthSettings, RoleSettings
-from services.auth.tokens import SecretRef, TokenIssuer, TokenVerifier, generate_signing_key
 from shared.api import create_app
 from shared.clock import ManualClock
 from shared.service import Runtime
 from shared.settings import Settings
+from shared.tokens import SecretRef, TokenIssuer, TokenVerifier, generate_signing_key
 
 ALICE, CAROL, DAVE, _ = USERS
 AUDITOR = DevUser(

@@ -23,9 +23,9 @@ from services.auth.broker import (
 )
 from services.auth.devidp import DevIdp, DevUser, role_value
 from services.auth.saml import SamlTrust
-from services.auth.tokens import SecretRef
 from shared.clock import ManualClock
 from shared.cloud.moto_server import MotoServer
+from shared.tokens import SecretRef
 
 SERVICES = ("bakery", "pool", "autogrow", "operator")
 # One AD FS service account per role: least privilege, and moto fails on multi-role assertions.

@@ -30,7 +30,6 @@ from services.auth.devidp import DevIdp, DevIdpConfig, DevUser, SigningKeyPair, 
 from services.auth.login import save_token
 from services.auth.service import assemble
 from services.auth.settings import AuthSettings, RoleSettings
-from services.auth.tokens import SecretRef, generate_signing_key
 from shared.api import create_app
 from shared.clock import SystemClock
 from shared.cloud.aws import AwsCloud
@@ -44,6 +43,7 @@ from shared.credentials import (
 )
 from shared.service import Runtime
 from shared.settings import Settings
+from shared.tokens import SecretRef, generate_signing_key
 
 REGION = "us-east-1"
 ROLES = ("pool", "bakery", "autogrow")

@@ -29,11 +29,11 @@ from services.auth.login import (
 )
 from services.auth.service import assemble
 from services.auth.settings import AuthSettings
-from services.auth.tokens import SecretRef, TokenVerifier, generate_signing_key
 from shared.api import create_app
 from shared.clock import SystemClock
 from shared.service import Runtime
 from shared.settings import Settings
+from shared.tokens import SecretRef, TokenVerifier, generate_signing_key
 
 ALICE, CAROL, _, _ = USERS
 

@@ -10,9 +10,9 @@ import pytest
 
 from services.auth.service import build, make_context
 from services.auth.settings import AuthSettings
-from services.auth.tokens import SecretRef
 from shared.service import Runtime
 from shared.settings import ConfigurationError, Settings, load_settings
+from shared.tokens import SecretRef
 
 ROLE = {
     "role_arn": "arn:aws:iam::123456789012:role/hpcfleet-pool",

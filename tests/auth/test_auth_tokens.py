@@ -9,7 +9,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from services.auth.tokens import (
+from shared.tokens import (
     SecretError,
     SecretRef,
     TokenExpired,

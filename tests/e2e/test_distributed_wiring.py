@@ -3,25 +3,26 @@ and PostgreSQL, with HTTP between the test and the APIs."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests_support import delete_rabbit_namespace, free_port, wait_until
 
 from services.bakery.tables import MAILBOX as BAKERY
 from services.pool.tables import images
 from shared.clock import SystemClock
 from shared.events import ImageReady
 from shared.outbox import Mailbox
-from tests_support import delete_rabbit_namespace, free_port, wait_until
+from shared.tokens import TokenIssuer, generate_signing_key, public_key_pem
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
@@ -53,10 +54,27 @@ class Processes:
 
 
 @pytest.fixture
+def operator_token(tmp_path: Path) -> tuple[Path, str]:
+    """auth's public key as the APIs read it, and an operator's token signed by auth's key."""
+    key = generate_signing_key()
+    keys = tmp_path / "token-public-keys.pem"
+    keys.write_text(public_key_pem(key.public_key()))
+    token = TokenIssuer(key).issue(
+        "operator@example.org", "operator", ["bakery:read", "bakery:write"], datetime.now(UTC)
+    )
+    return keys, token
+
+
+@pytest.fixture
 async def distributed(
-    pg_engine: AsyncEngine, postgres_url: str, rabbitmq_url: str, exchange_name: str
-) -> AsyncIterator[tuple[Processes, str]]:
+    pg_engine: AsyncEngine,
+    postgres_url: str,
+    rabbitmq_url: str,
+    exchange_name: str,
+    operator_token: tuple[Path, str],
+) -> AsyncIterator[tuple[Processes, httpx.AsyncClient]]:
     port = free_port()
+    keys, token = operator_token
     env = {
         **os.environ,
         "HPCFLEET_DATABASE_URL": postgres_url,
@@ -64,14 +82,17 @@ async def distributed(
         "HPCFLEET_EXCHANGE": exchange_name,
         "HPCFLEET_RELAY_INTERVAL": "0.2",
         "HPCFLEET_API_PORT": str(port),
+        "HPCFLEET_TOKEN_PUBLIC_KEYS": str(keys),
     }
     processes = Processes(env)
     processes.start("-m", "services.pool.worker")
     processes.start("-m", "services.bakery.worker")
     processes.start("-m", "services.cli", "serve", "bakery")
-    base = f"http://127.0.0.1:{port}"
+    headers = {"authorization": f"Bearer {token}"}
     try:
-        async with httpx.AsyncClient(base_url=base) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=headers
+        ) as client:
 
             async def ready() -> bool:
                 try:
@@ -80,31 +101,36 @@ async def distributed(
                     return False
 
             await wait_until(ready, timeout=30, what="bakery API ready")
-        yield processes, base
+            yield processes, client
     finally:
         codes = processes.stop_all()
         await delete_rabbit_namespace(rabbitmq_url, exchange_name, ["pool", "bakery"])
-    assert codes == [0, 0, 0], [p.stderr.read().decode()[-2000:] for p in processes.running if p.stderr]
+    assert codes == [0, 0, 0], [
+        p.stderr.read().decode()[-2000:] for p in processes.running if p.stderr
+    ]
 
 
 async def test_api_outbox_bus_worker_and_effect_in_postgres(
-    distributed: tuple[Processes, str], pg_engine: AsyncEngine
+    distributed: tuple[Processes, httpx.AsyncClient], pg_engine: AsyncEngine
 ) -> None:
-    _, base = distributed
-    async with httpx.AsyncClient(base_url=base) as client:
-        accepted = await client.post("/bakery/builds", json={"recipe": "linux", "reason": "e2e"})
-        assert accepted.status_code == 202
-        build_id = accepted.json()["build_id"]
+    _, client = distributed
+    anonymous = await client.post(
+        "/bakery/builds", json={"recipe": "linux"}, headers={"authorization": ""}
+    )
+    assert anonymous.status_code == 401
+    accepted = await client.post("/bakery/builds", json={"recipe": "linux", "reason": "e2e"})
+    assert accepted.status_code == 202, accepted.text
+    build_id = accepted.json()["build_id"]
 
-        async def queued() -> bool:
-            builds = (await client.get("/bakery/builds")).json()
-            return [(b["build_id"], b["status"]) for b in builds] == [(build_id, "queued")]
+    async def recorded() -> bool:
+        builds = (await client.get("/bakery/builds")).json()
+        return [b["build_id"] for b in builds] == [build_id]
 
-        await wait_until(queued, timeout=20, what="the bakery worker to record the build")
+    await wait_until(recorded, timeout=20, what="the bakery worker to record the build")
 
 
 async def test_one_services_outbox_reaches_another_services_handler(
-    distributed: tuple[Processes, str], pg_engine: AsyncEngine
+    distributed: tuple[Processes, httpx.AsyncClient], pg_engine: AsyncEngine
 ) -> None:
     now = datetime.now(UTC)
     event = ImageReady(
@@ -124,5 +150,3 @@ async def test_one_services_outbox_reaches_another_services_handler(
         return [tuple(r) for r in rows] == [("ami-0e2e0000000000001", "2026.11.1")]
 
     await wait_until(image_known, timeout=20, what="pool to record the image in PostgreSQL")
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -10,10 +11,15 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from services.single import single_process_app
-from shared.api import create_app
+from shared.api import ApiGuard, create_app
 from shared.bus.memory import MemoryBus
+from shared.clock import ManualClock
+from shared.process import api_guard
 from shared.service import Runtime
-from shared.settings import Settings
+from shared.settings import ConfigurationError, Settings
+from shared.tokens import TokenIssuer, TokenVerifier, generate_signing_key
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
 class Widget(BaseModel):
@@ -83,6 +89,43 @@ async def test_bad_input_gets_a_clear_422_and_a_crash_no_traceback() -> None:
     assert "Traceback" not in crash.text
     assert crash.json()["correlation_id"] == "abc-123"
     assert crash.headers["x-correlation-id"] == "abc-123"
+
+
+def guarded_app() -> tuple[object, TokenIssuer]:
+    key = generate_signing_key()
+    issuer = TokenIssuer(key)
+    guard = ApiGuard(TokenVerifier([key.public_key()]), ManualClock(NOW))
+    return create_app(title="t", routers=[demo_router()], guard=guard), issuer
+
+
+async def test_service_routes_need_a_token_with_the_right_scope() -> None:
+    app, issuer = guarded_app()
+
+    def bearer(*scopes: str) -> dict[str, str]:
+        token = issuer.issue("alice", "operator", scopes, NOW)
+        return {"authorization": f"Bearer {token}"}
+
+    async with client_for(app) as client:
+        missing = await client.post("/demo/widgets", json={"size": 2})
+        assert missing.status_code == 401
+        assert "bearer token is required" in missing.json()["detail"]
+        forged = await client.post(
+            "/demo/widgets", json={"size": 2}, headers={"authorization": "Bearer not-a-jwt"}
+        )
+        assert forged.status_code == 401
+        reader = await client.post("/demo/widgets", json={"size": 2}, headers=bearer("demo:read"))
+        assert reader.status_code == 403
+        assert "demo:write" in reader.json()["detail"]
+        writer = await client.post("/demo/widgets", json={"size": 2}, headers=bearer("demo:write"))
+        assert writer.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200  # probes need no token
+
+
+def test_a_production_api_refuses_to_start_without_public_keys() -> None:
+    settings = Settings(api_auth="required", token_public_keys=None)
+    with pytest.raises(ConfigurationError, match="HPCFLEET_TOKEN_PUBLIC_KEYS"):
+        api_guard(settings, ManualClock(NOW))
+    assert api_guard(Settings(api_auth="disabled"), ManualClock(NOW)) is None
 
 
 @pytest.fixture
