@@ -13,6 +13,7 @@ import uvicorn
 
 from services.auth.login import login_command, logout_command
 from services.registry import SERVICES
+from services.simulator.cli import simulate
 from shared.logs import configure_logging
 from shared.settings import ConfigurationError, Settings, load_settings
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 
 app.command("login")(login_command)
 app.command("logout")(logout_command)
+app.command("simulate")(simulate)
 
 
 class ServiceName(StrEnum):
