@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,11 @@ def free_port() -> int:
 
 
 async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str, every: float = 0.1
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float,  # noqa: ASYNC109 (a polling deadline, not a cancellation scope)
+    what: str,
+    every: float = 0.1,
 ) -> None:
     """Poll `condition` until it holds; fail saying what never happened."""
     deadline = time.monotonic() + timeout
@@ -33,17 +38,15 @@ async def delete_rabbit_namespace(url: str, exchange: str, consumers: Sequence[s
     """Remove a test's exchanges and queues from the shared broker."""
     connection = await aio_pika.connect(url)
     try:
-        for name in [f"{exchange}.{c}" for c in consumers] + [f"{exchange}.{c}.dead" for c in consumers]:
+        for name in [f"{exchange}.{c}" for c in consumers] + [
+            f"{exchange}.{c}.dead" for c in consumers
+        ]:
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
         for name in (exchange, f"{exchange}.dead"):
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.exchange_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
     finally:
         await connection.close()
