@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -24,15 +23,15 @@ import asyncpg
 from sqlalchemy import func, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from tests_support import delete_rabbit_namespace  # noqa: E402
+from tests_support import delete_rabbit_namespace
 
-import services.registry  # noqa: E402,F401
-from deploy.migrations import upgrade  # noqa: E402
-from services.bakery.tables import MAILBOX, builds  # noqa: E402
-from shared.clock import SystemClock  # noqa: E402
-from shared.events import BuildImage  # noqa: E402
-from shared.outbox import Mailbox  # noqa: E402
-from shared.store import create_engine  # noqa: E402
+import services.registry  # noqa: F401
+from deploy.migrations import upgrade
+from services.bakery.tables import MAILBOX, builds
+from shared.clock import SystemClock
+from shared.events import BuildImage
+from shared.outbox import Mailbox
+from shared.store import create_engine
 
 ADMIN = os.environ.get("HPCFLEET_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ = os.environ.get("HPCFLEET_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -52,7 +51,7 @@ async def run(messages: int, per_transaction: int) -> dict[str, float]:
     await admin(f'CREATE DATABASE "{name}"')
     url = f"postgresql+asyncpg://root@127.0.0.1:5432/{name}"
     engine = create_engine(url)
-    worker: subprocess.Popen[bytes] | None = None
+    worker: asyncio.subprocess.Process | None = None
     try:
         await upgrade(engine)
         env = {
@@ -63,7 +62,9 @@ async def run(messages: int, per_transaction: int) -> dict[str, float]:
             "HPCFLEET_PREFETCH": "256",
             "HPCFLEET_LOG_LEVEL": "WARNING",
         }
-        worker = subprocess.Popen([sys.executable, "-m", "services.bakery.worker"], env=env)
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.bakery.worker", env=env
+        )
         await asyncio.sleep(3)  # let it declare its queue before anything is relayed
         mailbox = Mailbox(MAILBOX, engine, SystemClock())
         now = datetime.now(UTC)
@@ -109,7 +110,7 @@ async def run(messages: int, per_transaction: int) -> dict[str, float]:
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=30)
+            await asyncio.wait_for(worker.wait(), 30)
         await engine.dispose()
         await delete_rabbit_namespace(RABBITMQ, exchange, ["bakery"])
         await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
