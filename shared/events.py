@@ -109,6 +109,9 @@ class NodeProvisioned(Event):
     zone: str = Field(min_length=1, description="Availability zone.")
     scheduler_node_name: str = Field(min_length=1, description="Node name in the scheduler.")
     pool: str = Field(default="default", min_length=1, description="Pool the node belongs to.")
+    billing: BillingModel = Field(
+        default=BillingModel.PER_SECOND, description="Billing model of the node's image."
+    )
 
 
 class NodeRetired(Event):
@@ -117,6 +120,21 @@ class NodeRetired(Event):
     node_id: str = Field(min_length=1, description="The pool's id for the node.")
     instance_id: str | None = Field(description="EC2 instance id, if it was ever launched.")
     reason: RetireReason = Field(description="Why the node was retired.")
+    scheduler_node_name: str | None = Field(
+        default=None, description="Node name in the scheduler, if any."
+    )
+
+
+class NodeRetiring(Event):
+    """A node is to be replaced, but it may be running jobs: it stays until it is powered off.
+
+    Prefer other nodes for new work and power this one off when it is idle; the pool then
+    replaces it (`NodeRetired` follows when its instance goes).
+    """
+
+    node_id: str = Field(min_length=1, description="The pool's id for the node.")
+    instance_id: str = Field(min_length=1, description="EC2 instance id.")
+    reason: RetireReason = Field(description="Why the node is being replaced.")
     scheduler_node_name: str | None = Field(
         default=None, description="Node name in the scheduler, if any."
     )
@@ -152,6 +170,18 @@ class NodePowerChanged(Event):
     )
 
 
+class PowerRefused(Event):
+    """The pool did not act on a PowerOn / PowerOff for this node, and why."""
+
+    node_id: str = Field(min_length=1, description="The pool's id for the node, as asked.")
+    command: Literal["PowerOn", "PowerOff"] = Field(description="The command refused.")
+    reason: str = Field(min_length=1, description="Why it was refused.")
+    decision_id: uuid.UUID = Field(description="The autogrow decision that asked for it.")
+    scheduler_node_name: str | None = Field(
+        default=None, description="Node name in the scheduler, if the node is known."
+    )
+
+
 class QueueDepthChanged(Event):
     """The scheduler's whole queue, as a snapshot."""
 
@@ -166,9 +196,11 @@ CATALOGUE: dict[str, type[Message]] = {
         ImageRetired,
         NodeProvisioned,
         NodeRetired,
+        NodeRetiring,
         PowerOn,
         PowerOff,
         NodePowerChanged,
+        PowerRefused,
         QueueDepthChanged,
     )
 }

@@ -51,6 +51,10 @@ class PoolSpec(BaseModel):
     subnets: tuple[Subnet, ...] = Field(
         min_length=1, description="Subnets to launch in; new nodes go to the zone with fewest."
     )
+    recipe: str | None = Field(
+        default=None,
+        description="The bakery recipe whose ImageReady sets `image_id`; None: every recipe's.",
+    )
     image_id: str | None = Field(
         default=None,
         description="The current image (from ImageReady); a node on any other image is "
@@ -89,6 +93,13 @@ class PoolSpec(BaseModel):
         ge=timedelta(minutes=1),
         description="A new node not booted this long after launch is terminated and replaced "
         "(ParallelCluster's default).",
+    )
+    node_name_prefix: str = Field(
+        default="node",
+        pattern=r"^[a-z][a-z0-9-]{0,40}$",
+        description="Scheduler node names are this prefix and a number (node001, node002, ...): "
+        "a new node takes the lowest number free, so the names are a small fixed set the "
+        "scheduler can declare (size plus surge). Pools must not share a prefix.",
     )
     tags: dict[str, str] = Field(
         default_factory=dict,

@@ -6,6 +6,7 @@ reuse its connection pool. botocore errors become the typed errors of `shared.cl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aioboto3
+import botocore.session
 from aiobotocore.credentials import AioCredentialResolver, AioDeferredRefreshableCredentials
 from aiobotocore.session import AioSession
 from botocore.config import Config
@@ -39,6 +41,9 @@ CredentialProvider = Callable[[], Credentials | Awaitable[Credentials]]
 
 _BOTOCORE_ADVISORY_REFRESH = 15 * 60  # botocore refreshes when this much validity is left
 _INSTANCE_ID = re.compile(r"i-[0-9a-zA-Z]+")
+_STATUS_IDS_PER_CALL = 100  # DescribeInstanceStatus takes at most 100 explicit ids
+# "User initiated (2026-01-01 12:00:00 GMT)": the only place EC2 says when a stop happened
+_TRANSITION_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
 
 
 class _FixedProvider:
@@ -83,6 +88,14 @@ def session_from_provider(
         "credential_provider", AioCredentialResolver([_FixedProvider(credentials)])
     )
     return aioboto3.Session(botocore_session=botocore_session)
+
+
+@functools.cache
+def instance_types() -> frozenset[str]:
+    """Every instance type EC2's API model (as pinned with aioboto3) names; loading it takes about
+    half a second, so it is read once, on first use."""
+    model = botocore.session.get_session().get_service_model("ec2")
+    return frozenset(model.shape_for("InstanceType").enum or ())
 
 
 def translate(error: ClientError) -> CloudError:
@@ -262,6 +275,35 @@ class AwsCloud:
         # tag filters take wildcards, so `*` in a value would widen the match: check exactly
         return [i for i in found if _has_tags(i.tags, tags)]
 
+    async def booted_instances(self, ids: Sequence[str]) -> set[str]:
+        """Ask in chunks of 100; an id EC2 no longer knows is dropped and the chunk asked again."""
+        booted: set[str] = set()
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _STATUS_IDS_PER_CALL):
+            chunk = unique[start : start + _STATUS_IDS_PER_CALL]
+            while chunk:
+                try:
+                    booted.update(await self._booted(chunk))
+                    break
+                except NotFound as error:
+                    missing = set(_INSTANCE_ID.findall(error.message)) & set(chunk)
+                    if not missing:
+                        raise
+                    chunk = [i for i in chunk if i not in missing]
+        return booted
+
+    async def _booted(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        async with self._ec2() as ec2:
+            async for page in ec2.get_paginator("describe_instance_status").paginate(
+                InstanceIds=ids
+            ):
+                for status in page["InstanceStatuses"]:
+                    checks = (status.get("InstanceStatus", {}), status.get("SystemStatus", {}))
+                    if all(check.get("Status") == "ok" for check in checks):
+                        found.add(status["InstanceId"])
+        return found
+
     async def create_image(
         self,
         instance_id: str,
@@ -355,16 +397,32 @@ def _tags(item: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _instance(item: Mapping[str, Any]) -> Instance:
+    state = InstanceState(item["State"]["Name"])
+    launch_time = item["LaunchTime"].astimezone(UTC)
     return Instance(
         instance_id=item["InstanceId"],
-        state=InstanceState(item["State"]["Name"]),
+        state=state,
         image_id=item.get("ImageId", ""),
         instance_type=item["InstanceType"],
         zone=item.get("Placement", {}).get("AvailabilityZone", ""),
         tags=_tags(item),
-        launch_time=item["LaunchTime"].astimezone(UTC),
+        launch_time=launch_time,
         private_ip=item.get("PrivateIpAddress") or None,
+        client_token=item.get("ClientToken") or None,
+        subnet_id=item.get("SubnetId") or None,
+        state_since=_state_since(state, launch_time, item.get("StateTransitionReason") or ""),
     )
+
+
+def _state_since(state: InstanceState, launch_time: datetime, reason: str) -> datetime | None:
+    """When the instance entered `state`: a start is its LaunchTime, a stop or termination the
+    time in its StateTransitionReason (to the second, UTC); None where EC2 does not say."""
+    if state in (InstanceState.PENDING, InstanceState.RUNNING):
+        return launch_time
+    match = _TRANSITION_TIME.search(reason)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
 
 
 def _image(item: Mapping[str, Any]) -> Image:

@@ -55,6 +55,9 @@ class Instance:
     tags: Mapping[str, str] = field(hash=False)
     launch_time: datetime  # the last start: EC2 billing counts from here
     private_ip: str | None = None
+    client_token: str | None = None  # RunInstances' ClientToken: finds a launch after a crash
+    subnet_id: str | None = None
+    state_since: datetime | None = None  # when it entered `state`, where the provider says
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", _frozen_tags(self.tags))
@@ -220,6 +223,12 @@ class Cloud(Protocol):
 
         Unknown `ids` raise NotFound, as EC2 does.
         """
+        ...
+
+    async def booted_instances(self, ids: Sequence[str]) -> set[str]:
+        """Those of `ids` that are running and finished booting since their last start (EC2:
+        DescribeInstanceStatus with both status checks passed). Unknown ids are simply absent:
+        a caller asks about instances it just saw, which may vanish meanwhile."""
         ...
 
     async def create_image(

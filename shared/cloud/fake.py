@@ -39,6 +39,7 @@ OPERATIONS = frozenset(
         "stop_instances",
         "terminate_instances",
         "describe_instances",
+        "booted_instances",
         "create_image",
         "describe_images",
         "deregister_image",
@@ -65,6 +66,8 @@ class _Node:
     tags: dict[str, str]
     launch_time: datetime
     private_ip: str
+    client_token: str
+    state_since: datetime
 
     def view(self) -> Instance:
         return Instance(
@@ -76,6 +79,9 @@ class _Node:
             tags=self.tags,
             launch_time=self.launch_time,
             private_ip=None if self.state is InstanceState.TERMINATED else self.private_ip,
+            client_token=self.client_token,
+            subnet_id=self.spec.subnet_id,
+            state_since=self.state_since,
         )
 
 
@@ -132,7 +138,9 @@ class FakeCloud:
     start. With the default 0 they complete at the next call, so the call that starts a transition
     reports the in-between state and a later describe the settled one, as on EC2.
     Terminated instances disappear `forget_terminated_after` seconds later (EC2: about an hour),
-    which keeps year-long scale runs from accumulating them.
+    which keeps year-long scale runs from accumulating them. A running instance counts as booted
+    (its status checks pass) `boot_seconds` after it entered running; `hang_boot` keeps chosen
+    instances from ever booting.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class FakeCloud:
         transition_seconds: float = 0.0,
         image_seconds: float = 0.0,
         forget_terminated_after: float = 3600.0,
+        boot_seconds: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
@@ -152,6 +161,7 @@ class FakeCloud:
         self.transition_seconds = transition_seconds
         self.image_seconds = image_seconds
         self.forget_terminated_after = forget_terminated_after
+        self.boot_seconds = boot_seconds
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self._nodes: dict[str, _Node] = {}
         self._images: dict[str, _Ami] = {}
@@ -160,6 +170,7 @@ class FakeCloud:
         self._tokens: dict[str, tuple[LaunchSpec, int, list[str]]] = {}
         self._failures: dict[str, list[_Failure]] = {}
         self._chaos: _Chaos | None = None
+        self._hung: set[str] = set()
         self._random = random.Random(seed)
         self._serial = itertools.count(1)
         # min-heaps of (due, serial, id, ...): each call settles only what is due, O(log n)
@@ -205,6 +216,15 @@ class FakeCloud:
     def clear_failures(self) -> None:
         self._failures.clear()
         self._chaos = None
+
+    def hang_boot(self, ids: Collection[str]) -> None:
+        """These instances run but never finish booting (a broken image, a failed status check)."""
+        self._hung.update(ids)
+
+    def instances(self) -> list[Instance]:
+        """Every instance as it stands now, without recording a call (for test assertions)."""
+        self._settle()
+        return [n.view() for n in self._nodes.values()]
 
     def add_image(
         self,
@@ -264,6 +284,8 @@ class FakeCloud:
                 tags=dict(spec.tags),
                 launch_time=now,
                 private_ip=f"10.0.{serial // 250 % 256}.{serial % 250 + 4}",
+                client_token=client_token,
+                state_since=now,
             )
             self._begin(node, InstanceState.PENDING, now)
             self._nodes[node.instance_id] = node
@@ -332,6 +354,22 @@ class FakeCloud:
         ]
         self._exit("describe_instances")
         return found
+
+    async def booted_instances(self, ids: Sequence[str]) -> set[str]:
+        self._enter("booted_instances", ids=list(ids))
+        ready = self.clock.now() - timedelta(seconds=self.boot_seconds)
+        booted = set()
+        for instance_id in ids:
+            node = self._nodes.get(instance_id)
+            if (
+                node is not None
+                and node.state is InstanceState.RUNNING
+                and node.state_since <= ready
+                and instance_id not in self._hung
+            ):
+                booted.add(instance_id)
+        self._exit("booted_instances")
+        return booted
 
     async def create_image(
         self,
@@ -461,6 +499,7 @@ class FakeCloud:
     def _begin(self, node: _Node, state: InstanceState, now: datetime) -> None:
         """Enter an in-between state, due to settle `transition_seconds` from now."""
         node.state = state
+        node.state_since = now
         due = now + timedelta(seconds=self.transition_seconds)
         heapq.heappush(self._transitions, (due, next(self._serial), node.instance_id, state))
 
@@ -473,6 +512,7 @@ class FakeCloud:
             if node is None or node.state is not state:  # e.g. terminated while pending
                 continue
             node.state = _SETTLES_TO[state]
+            node.state_since = due
             if node.state is InstanceState.TERMINATED:
                 forget = due + timedelta(seconds=self.forget_terminated_after)
                 heapq.heappush(self._forgets, (forget, next(self._serial), instance_id))

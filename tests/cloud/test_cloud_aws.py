@@ -66,3 +66,13 @@ async def test_an_unreachable_endpoint_is_a_cloud_error(aws_session: Any) -> Non
         with pytest.raises(CloudError) as raised:
             await cloud.describe_instances()
     assert raised.value.code == "EndpointConnectionError"
+
+
+async def test_describe_names_the_subnet_and_status_covers_many_ids(
+    moto: MotoServer, aws_session: Any
+) -> None:
+    async with AwsCloud(REGION, endpoint_url=moto.endpoint, session=aws_session) as cloud:
+        (instance,) = await cloud.run_instances(SPEC, 1, "subnet-1")
+        assert instance.subnet_id is not None and instance.subnet_id.startswith("subnet-")
+        many = [i.instance_id for i in await cloud.run_instances(SPEC, 120, "many")]
+        assert await cloud.booted_instances(many) == set(many)  # two DescribeInstanceStatus calls

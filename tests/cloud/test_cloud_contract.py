@@ -111,6 +111,34 @@ async def test_describe_by_state(backend: Backend) -> None:
     assert await cloud.describe_instances(states=[]) == []
 
 
+async def test_describe_shows_client_token_and_when_the_state_began(backend: Backend) -> None:
+    cloud = backend.cloud
+    ids = [i.instance_id for i in await cloud.run_instances(SPEC, 2, "token-seen")]
+    running = await converge(cloud, ids, InstanceState.RUNNING)
+    for instance in running:
+        assert instance.client_token == "token-seen"
+        assert instance.state_since == instance.launch_time  # a start is its LaunchTime
+
+    await cloud.stop_instances(ids[:1])
+    (stopped,) = await converge(cloud, ids[:1], InstanceState.STOPPED)
+    assert stopped.state_since is not None
+    # EC2 gives a stop's time to the second
+    assert stopped.state_since >= stopped.launch_time.replace(microsecond=0)
+
+
+async def test_booted_instances_are_the_running_ones_that_passed_their_checks(
+    backend: Backend,
+) -> None:
+    cloud = backend.cloud
+    ids = [i.instance_id for i in await cloud.run_instances(SPEC, 3, "token-boot")]
+    await converge(cloud, ids, InstanceState.RUNNING)
+    await cloud.stop_instances(ids[:1])
+    await converge(cloud, ids[:1], InstanceState.STOPPED)
+
+    assert await cloud.booted_instances([*ids, UNKNOWN_INSTANCE]) == set(ids[1:])
+    assert await cloud.booted_instances([]) == set()
+
+
 async def test_client_token_makes_a_retry_return_the_same_instances(backend: Backend) -> None:
     cloud = backend.cloud
     first = await cloud.run_instances(SPEC, 2, "intent-42")

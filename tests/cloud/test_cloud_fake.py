@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from shared.clock import ManualClock
@@ -225,3 +227,21 @@ async def test_tagging_an_unknown_resource_is_not_found() -> None:
     cloud = FakeCloud()
     with pytest.raises(NotFound):
         await cloud.create_tags(["i-0123456789abcdef0"], {"a": "b"})
+
+
+async def test_a_running_instance_boots_after_boot_seconds_unless_it_hangs(
+    clock: ManualClock,
+) -> None:
+    cloud = FakeCloud(clock=clock, transition_seconds=30, boot_seconds=60)
+    ok, hung = (i.instance_id for i in await cloud.run_instances(SPEC, 2, "t1"))
+    cloud.hang_boot([hung])
+    clock.advance(30 + 59)  # running since t=30
+    assert await cloud.booted_instances([ok, hung]) == set()
+    clock.advance(1)
+    assert await cloud.booted_instances([ok, hung, "i-unknown"]) == {ok}
+    (running,) = [i for i in cloud.instances() if i.instance_id == ok]
+    assert running.state_since == running.launch_time + timedelta(seconds=30)
+
+    await cloud.stop_instances([ok])
+    clock.advance(30)
+    assert await cloud.booted_instances([ok]) == set()  # stopped: no status checks

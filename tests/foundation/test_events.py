@@ -34,9 +34,11 @@ def test_catalogue_has_every_message_of_the_architecture() -> None:
         "ImageRetired",
         "NodeProvisioned",
         "NodeRetired",
+        "NodeRetiring",
         "PowerOn",
         "PowerOff",
         "NodePowerChanged",
+        "PowerRefused",
         "QueueDepthChanged",
     }
     assert CATALOGUE["BuildImage"].kind == "command"
