@@ -34,7 +34,7 @@ def test_aws_comes_from_auth_a_rehearsal_endpoint_or_nowhere(tmp_path: Path) -> 
         ),
         (
             BakerySettings(auth_url="https://auth.example", auth_client_secret="hunter2"),
-            "a secret must be given as 'file:<path>' or 'env:<NAME>'",
+            "a secret must be given as 'file:<path>' or 'env:<VARIABLE>'",
         ),
     ],
 )
