@@ -132,7 +132,7 @@ async def test_the_queue_itself_dead_letters_a_message_never_settled(rabbit_kit:
 
     deliveries = 0
     async with await aio_pika.connect(rabbit_kit.url) as connection:
-        queue = await (await connection.channel()).get_queue(crashed.queue_name(consumer))
+        queue = await (await connection.channel()).get_queue(f"{rabbit_kit.exchange}.{consumer}")
         while (delivery := await queue.get(fail=False)) is not None:
             deliveries += 1
             await delivery.nack(requeue=True)
