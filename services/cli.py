@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from enum import StrEnum
+from pathlib import Path
 
 import typer
 import uvicorn
@@ -48,26 +48,53 @@ def _settings() -> Settings:
 
 @app.command()
 def up(
-    port: int = typer.Option(8000, help="Port of the API, the docs (/docs) and the status page."),
+    port: int = typer.Option(8000, help="Port of every API, the docs (/docs) and the status page."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    speed: float = typer.Option(
+        1440.0, help="How much faster than real time the workload replays (1440: a day a minute)."
+    ),
+    nodes: int = typer.Option(64, help="Size of the warm pool."),
+    trace: str = typer.Option(
+        "SDSC-SP2-1998-4.2-cln.first-2000-jobs.swf.gz", help="Bundled workload trace to replay."
+    ),
+    state_dir: Path = typer.Option(
+        Path(".hpcfleet"), help="Where the SQLite file, keys and build files are kept."
+    ),
     postgres: str | None = typer.Option(
         None, help="Use this PostgreSQL (postgresql+asyncpg://...) instead of a SQLite file."
     ),
     rabbitmq: str | None = typer.Option(
         None, help="Use this RabbitMQ (amqp://...) instead of the in-memory bus."
     ),
+    live: bool = typer.Option(True, help="Show a live summary in the terminal."),
 ) -> None:
-    """Run every service in one process on embedded defaults (SQLite file, in-memory bus)."""
-    from services.single import serve
-    from shared.service import Runtime
+    """Run the whole system in one process: every service, an in-memory bus, a SQLite file, an
+    embedded moto server as AWS, and a simulated scheduler replaying a real trace at --speed.
 
-    if postgres:
-        os.environ["HPCFLEET_DATABASE_URL"] = postgres
-    if rabbitmq:
-        os.environ["HPCFLEET_BUS_URL"] = rabbitmq
-    settings = _settings()
-    typer.echo(f"hpcfleet is up: http://{host}:{port}/docs  (Ctrl-C stops it)")
-    asyncio.run(serve(Runtime.from_settings(settings), host, port))
+    It bakes an image, fills the pool, rolls the pool onto the image, then powers nodes on and
+    off with the workload. Open the status page at http://HOST:PORT/ and the API docs at /docs.
+    Ctrl-C stops it. --postgres / --rabbitmq switch to the real store and bus.
+    """
+    from services.up import UpOptions
+    from services.up import up as run_up
+
+    options = UpOptions(
+        host=host,
+        port=port,
+        speed=speed,
+        nodes=nodes,
+        trace=trace,
+        state_dir=state_dir,
+        postgres=postgres,
+        rabbitmq=rabbitmq,
+        live=live,
+    )
+    configure_logging("WARNING", "console")
+    try:
+        asyncio.run(run_up(options))
+    except ConfigurationError as exc:
+        typer.echo(f"hpcfleet up: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

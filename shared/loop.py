@@ -65,10 +65,11 @@ class ReconcileLoop:
         try:
             await asyncio.wait({kicked, tick}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in (kicked, tick):
-                waiter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiter
+            # Gather rather than await each: a cancel of this task that lands here must not be
+            # swallowed along with the waiters' own CancelledError, or stop() would hang.
+            kicked.cancel()
+            tick.cancel()
+            await asyncio.gather(kicked, tick, return_exceptions=True)
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None or self._task.done():

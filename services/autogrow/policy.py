@@ -158,10 +158,11 @@ def _due(
     left = paid_seconds(node.billing, up_for, billing) - up_for
     if node.billing is _HOURLY:
         window = settings.hourly_window_seconds
+        if left <= 0:  # the paid hour ends this instant: running on starts (and pays) the next
+            left = billing.hour
         if left > window:
             return None, left - window
-        # due until the paid hour ends; at its very end, due again in the next hour's window
-        return f"idle, {left:.0f} s left of its paid hour", left or billing.hour - window
+        return f"idle, {left:.0f} s left of its paid hour", left
     grace = 0.0 if node.retiring else settings.idle_seconds
     if idle_for < grace or left > 0:
         return None, max(grace - idle_for, left)

@@ -1,0 +1,109 @@
+"""`hpcfleet up`: bad input gets one clear line and a non-zero exit; good input runs the system."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tests_support import free_port
+
+HPCFLEET = [sys.executable, "-m", "services.cli"]
+
+
+def run_up(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*HPCFLEET, "up", "--no-live", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(run_up("--port", str(port), cwd=tmp_path))
+    assert f"port {port}" in line and "--port" in line
+
+
+def test_a_trace_that_does_not_exist(tmp_path: Path) -> None:
+    line = one_line_error(run_up("--trace", "nope.swf", "--port", str(free_port()), cwd=tmp_path))
+    assert "no bundled trace 'nope.swf'" in line
+
+
+def test_speed_zero(tmp_path: Path) -> None:
+    line = one_line_error(run_up("--speed", "0", cwd=tmp_path))
+    assert "--speed must be more than 0" in line
+
+
+def test_a_postgres_that_does_not_answer(tmp_path: Path) -> None:
+    url = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
+    line = one_line_error(run_up("--postgres", url, "--port", str(free_port()), cwd=tmp_path))
+    assert "PostgreSQL at 127.0.0.1" in line and "does not answer" in line
+
+
+def get(url: str, token: str | None = None) -> object:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*HPCFLEET, "up", "--no-live", "--port", str(port), "--nodes", "16"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        pool: dict[str, object] = {}
+        decisions: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                token = str(get(f"{base}/console/token")["access_token"])  # type: ignore[index]
+                pool = get(f"{base}/pool/pools/default", token)  # type: ignore[assignment]
+                decisions = get(f"{base}/autogrow/decisions?limit=50", token)  # type: ignore[assignment]
+            except OSError:
+                continue
+            powered = [a for d in decisions for a in d["actions"]]  # type: ignore[union-attr]
+            if pool.get("spec", {}).get("image_id") and powered:  # type: ignore[union-attr]
+                break
+        assert pool["spec"]["image_id"], pool  # type: ignore[index]
+        assert any(
+            a["action"] in ("power_on", "resume")  # type: ignore[index]
+            for d in decisions
+            for a in d["actions"]  # type: ignore[union-attr]
+        ), decisions
+        assert (tmp_path / ".hpcfleet" / "hpcfleet.db").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-3000:]
