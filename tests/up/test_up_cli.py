@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests_support import free_port
@@ -62,7 +63,7 @@ def test_a_postgres_that_does_not_answer(tmp_path: Path) -> None:
     assert "PostgreSQL at 127.0.0.1" in line and "does not answer" in line
 
 
-def get(url: str, token: str | None = None) -> object:
+def get(url: str, token: str | None = None) -> Any:
     request = urllib.request.Request(url)
     if token:
         request.add_header("authorization", f"Bearer {token}")
@@ -83,27 +84,25 @@ def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> N
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        pool: dict[str, object] = {}
-        decisions: list[dict[str, object]] = []
+        pool: Any = {}
+        decisions: Any = []
         while time.monotonic() < deadline:
             time.sleep(1)
             try:
-                token = str(get(f"{base}/console/token")["access_token"])  # type: ignore[index]
-                pool = get(f"{base}/pool/pools/default", token)  # type: ignore[assignment]
-                decisions = get(f"{base}/autogrow/decisions?limit=50", token)  # type: ignore[assignment]
+                token = str(get(f"{base}/console/token")["access_token"])
+                pool = get(f"{base}/pool/pools/default", token)
+                decisions = get(f"{base}/autogrow/decisions?limit=50", token)
             except OSError:
                 continue
-            powered = [a for d in decisions for a in d["actions"]]  # type: ignore[union-attr]
-            if pool.get("spec", {}).get("image_id") and powered:  # type: ignore[union-attr]
+            powered = [a for d in decisions for a in d["actions"]]
+            if pool.get("spec", {}).get("image_id") and powered:
                 break
-        assert pool["spec"]["image_id"], pool  # type: ignore[index]
+        assert pool["spec"]["image_id"], pool
         assert any(
-            a["action"] in ("power_on", "resume")  # type: ignore[index]
-            for d in decisions
-            for a in d["actions"]  # type: ignore[union-attr]
+            a["action"] in ("power_on", "resume") for d in decisions for a in d["actions"]
         ), decisions
         assert (tmp_path / ".hpcfleet" / "hpcfleet.db").exists()
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err[-3000:]
