@@ -1,18 +1,16 @@
 """Every service in one process: one API on one port, the workers beside it, one bus and store.
 
-This is what `hpcfleet up` runs. It goes through the same services, handlers, loops and outbox
-relays as the distributed mode; only the runtime differs (by default an in-memory bus and SQLite).
+`hpcfleet up` (services/up.py) runs the system this way. It goes through the same services,
+handlers, loops and outbox relays as the distributed mode; only the runtime differs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI
 
 from deploy.migrations import upgrade
@@ -53,12 +51,3 @@ def single_process_app(runtime: Runtime) -> FastAPI:
         readiness=[*runtime.readiness(), *(c for s in services for c in s.readiness)],
         lifespan=lifespan,
     )
-
-
-async def serve(runtime: Runtime, host: str, port: int) -> None:
-    app = single_process_app(runtime)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    await server.serve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,46 @@ def get(url: str, token: str | None = None) -> Any:
         return json.loads(response.read())
 
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={ARTIFACTS / 'chromium-profile'}",
+            "--window-size=1280,1000",
+            "--virtual-time-budget=8000",
+            *args,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def check_status_page_in_a_browser(url: str) -> None:
+    """The page really renders in Chromium: its script fetched a token and drew the pool."""
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (deploy/scripts/system-packages.txt)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom = chromium(url, "--dump-dom").stdout
+    assert 'class="node ' in dom, dom[-2000:]
+    assert '<b id="running">\u2013</b>' not in dom, "the page never filled in its figures"
+    shot = ARTIFACTS / "status-page.png"
+    chromium(url, f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
@@ -102,6 +143,7 @@ def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> N
             a["action"] in ("power_on", "resume") for d in decisions for a in d["actions"]
         ), decisions
         assert (tmp_path / ".hpcfleet" / "hpcfleet.db").exists()
+        check_status_page_in_a_browser(f"{base}/")
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
