@@ -18,6 +18,8 @@ POOL = frozenset(
         "ec2:StopInstances",
         "ec2:TerminateInstances",
         "ec2:DescribeInstances",
+        "ec2:DescribeInstanceStatus",
+        "ec2:DescribeImages",
         "ec2:CreateTags",
         PASS_NODE_ROLE,
     }
