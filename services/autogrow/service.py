@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.autogrow.billing import DEFAULT_RULES, BillingRules
 from services.autogrow.cluster import SimulatedCluster
+from services.autogrow.cost import Cost, close_intervals, cost_so_far, record_power
 from services.autogrow.decisions import OFF, ON, SLURM_OFF, Decider, UnknownNodes, settles
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.simulated import SimulatedScheduler
@@ -167,6 +168,11 @@ def make_router(engine: AsyncEngine, decider: Decider, settings: AutogrowSetting
             )
             return [DecisionView.model_validate(row._mapping) for row in rows]
 
+    @router.get("/cost", summary="Node-hours billed so far, by the nodes' billing models.")
+    async def get_cost() -> Cost:
+        async with engine.connect() as conn:
+            return await cost_so_far(conn, clock.now())
+
     @router.get("/nodes", summary="The pool's nodes as autogrow knows them.")
     async def list_nodes() -> list[NodeView]:
         async with engine.connect() as conn:
@@ -269,6 +275,9 @@ def make_handlers(mailbox: Mailbox, on_change: Callable[[], None]) -> dict[str, 
             if row is not None and settles(row["requested_power"], message.state):
                 values |= {"requested_power": None, "requested_at": None}
             await _save_node(tx.conn, message.node_id, values, exists=row is not None)
+            await record_power(
+                tx.conn, message.node_id, message.state, message.since, message.billing
+            )
         on_change()
 
     async def on_node_retiring(message: Message) -> None:
@@ -319,6 +328,7 @@ def make_handlers(mailbox: Mailbox, on_change: Callable[[], None]) -> dict[str, 
             await tx.conn.execute(
                 update(nodes).where(nodes.c.node_id == message.node_id).values(retired_at=tx.now)
             )
+            await close_intervals(tx.conn, message.node_id, message.occurred_at)
         on_change()
 
     async def on_image_ready(message: Message) -> None:

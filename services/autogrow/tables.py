@@ -68,3 +68,13 @@ decisions = Table(
     Column("inputs", JSON, nullable=False),
     Column("actions", JSON, nullable=False),
 )
+
+# Each stretch a node was running (billing runs from `started_at`), for the cost so far.
+power_intervals = Table(
+    "autogrow_power_intervals",
+    metadata,
+    Column("node_id", String(64), primary_key=True),
+    Column("started_at", UtcDateTime, primary_key=True),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("billing", String(20), nullable=False),
+)

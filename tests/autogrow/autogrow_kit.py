@@ -43,7 +43,7 @@ from shared.settings import Settings
 from shared.store import create_engine
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
-REVISION = "0002_autogrow"
+REVISION = "head"
 
 
 async def autogrow_engine(path: Path) -> AsyncEngine:

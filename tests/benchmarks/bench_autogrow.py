@@ -51,7 +51,7 @@ from shared.store import create_engine
 
 ADMIN = os.environ.get("HPCFLEET_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ = os.environ.get("HPCFLEET_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REVISION = "0002_autogrow"
+REVISION = "head"
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
