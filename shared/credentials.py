@@ -302,3 +302,56 @@ def _parse(response: httpx.Response) -> VendedCredentials:
         token=body["Token"],
         expiration=expiration,
     )
+
+
+@dataclass(frozen=True)
+class AwsAccess:
+    """How a service reaches AWS: a session (credentials from auth, or placeholders for a moto
+    rehearsal) and the endpoint; or, with neither configured, why it cannot."""
+
+    session: aioboto3.Session | None
+    endpoint_url: str | None
+    unavailable: str = ""
+
+
+def service_aws_access(
+    service: str,
+    *,
+    endpoint_url: object | None,
+    auth_url: str | None,
+    client_id: str,
+    client_secret: str | None,
+    role: str,
+) -> AwsAccess:
+    """A service's AWS access from its settings: temporary credentials vended by auth when
+    `auth_url` is set (the only way in production), else a moto rehearsal at `endpoint_url`.
+    A misconfiguration raises ConfigurationError naming the variable."""
+    from shared.settings import ConfigurationError
+
+    endpoint = str(endpoint_url).rstrip("/") if endpoint_url else None
+    prefix = f"HPCFLEET_{service.upper()}_"
+    if auth_url is not None:
+        if client_secret is None:
+            raise ConfigurationError(
+                f"invalid configuration: {prefix}AUTH_CLIENT_SECRET: required with "
+                f"{prefix}AUTH_URL (file:<path> or env:<NAME>)"
+            )
+        try:
+            secret = read_secret(client_secret)
+        except CredentialsError as exc:
+            raise ConfigurationError(
+                f"invalid configuration: {prefix}AUTH_CLIENT_SECRET: {exc}"
+            ) from None
+        token = ClientCredentialsToken(auth_url, client_id, secret)
+        return AwsAccess(AuthCredentialProvider(auth_url, role, token).session(), endpoint)
+    if endpoint is not None:  # a rehearsal: moto takes any key
+        rehearsal = aioboto3.Session(
+            aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal"
+        )
+        return AwsAccess(rehearsal, endpoint)
+    return AwsAccess(
+        None,
+        None,
+        f"AWS is not configured for {service}: set {prefix}AUTH_URL (credentials from auth) "
+        "or HPCFLEET_AWS_ENDPOINT_URL (a moto rehearsal)",
+    )

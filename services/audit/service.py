@@ -45,7 +45,7 @@ from services.audit.tables import (
 )
 from shared.api import ReadinessCheck
 from shared.clock import Clock
-from shared.credentials import AuthCredentialProvider, ClientCredentialsToken, read_secret
+from shared.credentials import service_aws_access
 from shared.loop import ReconcileLoop
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
@@ -329,28 +329,15 @@ class Audit:
 
 def make_aws(runtime: Settings, settings: AuditSettings) -> tuple[aioboto3.Session | None, str]:
     """audit's AWS session from settings, or None and the reason the queue is not read."""
-    if settings.auth_url is not None:
-        if settings.auth_client_secret is None:
-            raise ConfigurationError(
-                "invalid configuration: HPCFLEET_AUDIT_AUTH_CLIENT_SECRET: required with "
-                "HPCFLEET_AUDIT_AUTH_URL (file:<path> or env:<NAME>)"
-            )
-        try:
-            secret = read_secret(settings.auth_client_secret)
-        except Exception as exc:
-            raise ConfigurationError(
-                f"invalid configuration: HPCFLEET_AUDIT_AUTH_CLIENT_SECRET: {exc}"
-            ) from None
-        token = ClientCredentialsToken(settings.auth_url, settings.auth_client_id, secret)
-        return AuthCredentialProvider(settings.auth_url, settings.aws_role, token).session(), ""
-    if runtime.aws_endpoint_url is not None:  # a rehearsal: moto takes any key
-        return aioboto3.Session(
-            aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal"
-        ), ""
-    return None, (
-        "AWS is not configured for audit: set HPCFLEET_AUDIT_AUTH_URL (credentials from auth) "
-        "or HPCFLEET_AWS_ENDPOINT_URL (a moto rehearsal)"
+    access = service_aws_access(
+        "audit",
+        endpoint_url=runtime.aws_endpoint_url,
+        auth_url=settings.auth_url,
+        client_id=settings.auth_client_id,
+        client_secret=settings.auth_client_secret,
+        role=settings.aws_role,
     )
+    return access.session, access.unavailable
 
 
 def assemble(

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-import aioboto3
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy import insert, select, update
@@ -43,7 +42,7 @@ from services.bakery.tables import (
     schedule,
 )
 from shared.bus import Handler
-from shared.credentials import AuthCredentialProvider, ClientCredentialsToken, read_secret
+from shared.credentials import service_aws_access
 from shared.events import BillingModel, BuildImage, Message
 from shared.loop import ReconcileLoop
 from shared.outbox import Mailbox
@@ -400,29 +399,17 @@ class Bakery:
 
 def make_aws(runtime: Settings, settings: BakerySettings) -> tuple[BakeryAws | None, str]:
     """bakery's AWS access from settings, or None and the reason builds will wait."""
-    endpoint = str(runtime.aws_endpoint_url).rstrip("/") if runtime.aws_endpoint_url else None
-    if settings.auth_url is not None:
-        if settings.auth_client_secret is None:
-            raise ConfigurationError(
-                "invalid configuration: HPCFLEET_BAKERY_AUTH_CLIENT_SECRET: required with "
-                "HPCFLEET_BAKERY_AUTH_URL (file:<path> or env:<NAME>)"
-            )
-        try:
-            secret = read_secret(settings.auth_client_secret)
-        except Exception as exc:
-            raise ConfigurationError(
-                f"invalid configuration: HPCFLEET_BAKERY_AUTH_CLIENT_SECRET: {exc}"
-            ) from None
-        token = ClientCredentialsToken(settings.auth_url, settings.auth_client_id, secret)
-        provider = AuthCredentialProvider(settings.auth_url, settings.aws_role, token)
-        return BakeryAws(provider.session(), endpoint_url=endpoint), ""
-    if endpoint is not None:  # a rehearsal: moto takes any key
-        session = aioboto3.Session(aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal")
-        return BakeryAws(session, endpoint_url=endpoint), ""
-    return None, (
-        "AWS is not configured for bakery: set HPCFLEET_BAKERY_AUTH_URL (credentials from auth) "
-        "or HPCFLEET_AWS_ENDPOINT_URL (a moto rehearsal)"
+    access = service_aws_access(
+        "bakery",
+        endpoint_url=runtime.aws_endpoint_url,
+        auth_url=settings.auth_url,
+        client_id=settings.auth_client_id,
+        client_secret=settings.auth_client_secret,
+        role=settings.aws_role,
     )
+    if access.session is None:
+        return None, access.unavailable
+    return BakeryAws(access.session, endpoint_url=access.endpoint_url), ""
 
 
 def assemble(

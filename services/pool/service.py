@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-import aioboto3
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy import func, insert, select, update
@@ -33,7 +32,7 @@ from services.pool.tables import MAILBOX, backoffs, images, nodes, pools, schedu
 from shared.bus import Handler
 from shared.cloud import Cloud, CloudError
 from shared.cloud.aws import AwsCloud, instance_types
-from shared.credentials import AuthCredentialProvider, ClientCredentialsToken, read_secret
+from shared.credentials import service_aws_access
 from shared.events import (
     BillingModel,
     ImageReady,
@@ -504,29 +503,18 @@ class Pool:
 
 def make_cloud(runtime: Settings, settings: PoolSettings) -> tuple[AwsCloud | None, str]:
     """pool's EC2 from settings, or None and the reason the pool cannot act."""
-    endpoint = str(runtime.aws_endpoint_url).rstrip("/") if runtime.aws_endpoint_url else None
-    if settings.auth_url is not None:
-        if settings.auth_client_secret is None:
-            raise ConfigurationError(
-                "invalid configuration: HPCFLEET_POOL_AUTH_CLIENT_SECRET: required with "
-                "HPCFLEET_POOL_AUTH_URL (file:<path> or env:<NAME>)"
-            )
-        try:
-            secret = read_secret(settings.auth_client_secret)
-        except Exception as exc:
-            raise ConfigurationError(
-                f"invalid configuration: HPCFLEET_POOL_AUTH_CLIENT_SECRET: {exc}"
-            ) from None
-        token = ClientCredentialsToken(settings.auth_url, settings.auth_client_id, secret)
-        provider = AuthCredentialProvider(settings.auth_url, settings.aws_role, token)
-        return AwsCloud(runtime.aws_region, endpoint_url=endpoint, session=provider.session()), ""
-    if endpoint is not None:  # a rehearsal: moto takes any key
-        session = aioboto3.Session(aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal")
-        return AwsCloud(runtime.aws_region, endpoint_url=endpoint, session=session), ""
-    return None, (
-        "AWS is not configured for pool: set HPCFLEET_POOL_AUTH_URL (credentials from auth) "
-        "or HPCFLEET_AWS_ENDPOINT_URL (a moto rehearsal)"
+    access = service_aws_access(
+        "pool",
+        endpoint_url=runtime.aws_endpoint_url,
+        auth_url=settings.auth_url,
+        client_id=settings.auth_client_id,
+        client_secret=settings.auth_client_secret,
+        role=settings.aws_role,
     )
+    if access.session is None:
+        return None, access.unavailable
+    cloud = AwsCloud(runtime.aws_region, endpoint_url=access.endpoint_url, session=access.session)
+    return cloud, ""
 
 
 def assemble(
