@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from enum import StrEnum
@@ -120,6 +121,34 @@ def worker(service: ServiceName) -> None:
 
     settings = _settings()
     asyncio.run(run_worker(SERVICES[service.value], settings))
+
+
+def _slurm_hook(action: str, hostlist: str, autogrow_url: str | None) -> None:
+    from services.autogrow.slurm_hooks import hook_main
+
+    url = autogrow_url or os.environ.get("HPCFLEET_AUTOGROW_URL")
+    if not url:
+        typer.echo("hpcfleet: give --autogrow-url (Slurm runs this with no environment)", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(hook_main(action, hostlist, url))
+
+
+@app.command("slurm-resume")
+def slurm_resume(
+    hostlist: str = typer.Argument(help="Slurm host list, e.g. node[001-004]."),
+    autogrow_url: str | None = typer.Option(None, help="autogrow's API, e.g. http://host:8000"),
+) -> None:
+    """Slurm's ResumeProgram: ask autogrow to power these nodes on."""
+    _slurm_hook("resume", hostlist, autogrow_url)
+
+
+@app.command("slurm-suspend")
+def slurm_suspend(
+    hostlist: str = typer.Argument(help="Slurm host list, e.g. node[001-004]."),
+    autogrow_url: str | None = typer.Option(None, help="autogrow's API, e.g. http://host:8000"),
+) -> None:
+    """Slurm's SuspendProgram: tell autogrow these nodes may go down (it picks the moment)."""
+    _slurm_hook("suspend", hostlist, autogrow_url)
 
 
 @app.command()

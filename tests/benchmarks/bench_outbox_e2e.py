@@ -3,7 +3,8 @@
 This process plays a service that emits: it writes commands into an outbox, 50 per transaction,
 while its `OutboxRelay` publishes them to RabbitMQ with confirms. A consumer process (this script
 with `--consume`) takes them off its quorum queue and, per message, records the inbox row and a
-state change in one PostgreSQL transaction. The clock runs from the first write to the last
+state change in one PostgreSQL transaction; `--consumers` of them compete for the queue, as a
+service's workers scale out. The clock runs from the first write to the last
 effect; then every message must have exactly one inbox row and one effect.
 Run: `.venv/bin/python tests/benchmarks/bench_outbox_e2e.py [--messages N]`.
 """
@@ -78,23 +79,25 @@ async def consume(url: str, exchange: str) -> None:
     await engine.dispose()
 
 
-async def run(messages: int, per_transaction: int) -> dict[str, float]:
+async def run(messages: int, per_transaction: int, consumers: int) -> dict[str, float]:
     name = f"hpcfleet_bench_{uuid.uuid4().hex[:8]}"
     exchange = f"hpcfleet-bench-{uuid.uuid4().hex[:8]}"
     await admin(f'CREATE DATABASE "{name}"')
     url = f"postgresql+asyncpg://root@127.0.0.1:5432/{name}"
     engine = create_engine(url)
-    consumer: asyncio.subprocess.Process | None = None
+    workers: list[asyncio.subprocess.Process] = []
     bus = RabbitBus(RABBITMQ, exchange=exchange, prefetch=256, delivery_limit=5)
     try:
         await upgrade(engine)
         async with engine.begin() as conn:
             await conn.run_sync(effects_metadata.create_all)
-        consumer = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--consume", url, exchange, stdout=asyncio.subprocess.PIPE
-        )
-        assert consumer.stdout is not None
-        await consumer.stdout.readline()  # its queue exists: nothing published is lost
+        for _ in range(consumers):  # competing consumers of one queue, as scaled-out workers
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--consume", url, exchange, stdout=asyncio.subprocess.PIPE
+            )
+            workers.append(worker)
+            assert worker.stdout is not None
+            await worker.stdout.readline()  # its queue exists: nothing published is lost
         await bus.start()
         clock = SystemClock()
         mailbox = Mailbox(PRODUCER, engine, clock)
@@ -150,10 +153,10 @@ async def run(messages: int, per_transaction: int) -> dict[str, float]:
         }
     finally:
         await bus.stop()
-        if consumer is not None:
-            consumer.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(consumer.wait(), 30)
+                await asyncio.wait_for(worker.wait(), 30)
         await engine.dispose()
         await delete_rabbit_namespace(RABBITMQ, exchange, ["bench"])
         await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -166,10 +169,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--per-transaction", type=int, default=50)
+    parser.add_argument("--consumers", type=int, default=2, help="Consumer processes.")
     args = parser.parse_args()
-    result = asyncio.run(run(args.messages, args.per_transaction))
+    result = asyncio.run(run(args.messages, args.per_transaction, args.consumers))
     print(
-        f"outbox -> RabbitMQ -> inbox -> PostgreSQL, {result['messages']:.0f} messages:"
+        f"outbox -> RabbitMQ -> inbox -> PostgreSQL, {result['messages']:.0f} messages,"
+        f" {args.consumers} consumer process(es):"
         f" {result['throughput']:,.0f} msg/s end to end ({result['seconds']:.1f} s),"
         f" outbox writes {result['write_rate']:,.0f} msg/s,"
         f" latency p50 {result['latency_p50_ms']:.0f} ms, p99 {result['latency_p99_ms']:.0f} ms;"
