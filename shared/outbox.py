@@ -97,6 +97,9 @@ class Mailbox:
         self.engine = engine
         self.clock = clock
         self.on_emit: Callable[[], None] = lambda: None  # the relay's kick
+        insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+        # built once: this runs for every message a service handles
+        self._inbox_insert = insert(tables.inbox).on_conflict_do_nothing()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -117,18 +120,13 @@ class Mailbox:
             yield tx if first else None
 
     async def _record_in_inbox(self, tx: Transaction, consumer: str, message: Message) -> bool:
-        insert = pg_insert if tx.conn.dialect.name == "postgresql" else sqlite_insert
-        statement = (
-            insert(self.tables.inbox)
-            .values(
-                consumer=consumer,
-                message_id=str(message.message_id),
-                name=message.name(),
-                handled_at=tx.now,
-            )
-            .on_conflict_do_nothing()
-        )
-        result = await tx.conn.execute(statement)
+        row = {
+            "consumer": consumer,
+            "message_id": str(message.message_id),
+            "name": message.name(),
+            "handled_at": tx.now,
+        }
+        result = await tx.conn.execute(self._inbox_insert, row)
         return bool(result.rowcount)
 
     async def _write_outbox(self, tx: Transaction) -> None:
