@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from deploy.migrations import upgrade
 from services.registry import SERVICES
-from shared.api import create_app
+from shared.api import ApiGuard, create_app
 from shared.service import Runtime, Service
 
 log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def running(runtime: Runtime, services: list[Service]) -> AsyncIterator[None]:
+async def running(runtime: Runtime, services: Sequence[Service]) -> AsyncIterator[None]:
     """Migrate, start the bus and every service's worker; stop them all on exit."""
     await upgrade(runtime.engine)
     await runtime.start()
@@ -36,18 +36,30 @@ async def running(runtime: Runtime, services: list[Service]) -> AsyncIterator[No
         await runtime.close()
 
 
-def single_process_app(runtime: Runtime) -> FastAPI:
-    services = [build(runtime) for build in SERVICES.values()]
+def single_process_app(
+    runtime: Runtime,
+    services: Sequence[Service] | None = None,
+    *,
+    extra_routers: Sequence[APIRouter] = (),
+    guard: ApiGuard | None = None,
+    started: asyncio.Event | None = None,
+) -> FastAPI:
+    """One app over `services` (default: every service built from the registry); `started` is
+    set once their workers run."""
+    chosen = list(services) if services is not None else [b(runtime) for b in SERVICES.values()]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with running(runtime, services):
+        async with running(runtime, chosen):
+            if started is not None:
+                started.set()
             yield
 
     return create_app(
         title="hpcfleet",
         description="Every hpcfleet service in one process.",
-        routers=[service.router for service in services],
-        readiness=[*runtime.readiness(), *(c for s in services for c in s.readiness)],
+        routers=[*(service.router for service in chosen), *extra_routers],
+        readiness=[*runtime.readiness(), *(c for s in chosen for c in s.readiness)],
         lifespan=lifespan,
+        guard=guard,
     )

@@ -15,8 +15,6 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -31,8 +29,8 @@ from rich.live import Live
 from rich.table import Table
 
 from services.console.router import make_router as console_router
-from services.single import running
-from shared.api import ApiGuard, create_app
+from services.single import single_process_app
+from shared.api import ApiGuard
 from shared.clock import ScaledClock, SystemClock
 from shared.cloud.moto_server import MotoServer
 from shared.service import Runtime, Service
@@ -274,20 +272,12 @@ async def up(options: UpOptions) -> None:
         guard = ApiGuard(TokenVerifier([key.public_key()]), SystemClock())
 
         started = asyncio.Event()
-
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            async with running(runtime, services):
-                started.set()
-                yield
-
-        app = create_app(
-            title="hpcfleet",
-            description="Every hpcfleet service in one process (`hpcfleet up`).",
-            routers=[*(s.router for s in services), console_router(issuer, SystemClock())],
-            readiness=[*runtime.readiness(), *(c for s in services for c in s.readiness)],
-            lifespan=lifespan,
+        app = single_process_app(
+            runtime,
+            services,
+            extra_routers=[console_router(issuer, SystemClock())],
             guard=guard,
+            started=started,
         )
         await serve(app, options, issuer, started)
 
