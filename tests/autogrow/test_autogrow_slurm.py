@@ -195,12 +195,15 @@ async def test_hpcfleet_decides_with_slurm(tmp_path: Path) -> None:
         history = await run.decisions()
         states = cluster.node_states()
 
-    assert kinds(history) == [
-        ("policy", "power_on", "node001"),
-        ("policy", "drain", "node001"),
-        ("policy", "power_off", "node001"),
-    ]
-    assert [c.node_ids for c in run.commands] == [("n1",), ("n1",)]
+    steps = kinds(history)
+    assert steps[0] == ("policy", "power_on", "node001")
+    assert ("policy", "power_off", "node001") in steps
+    # Under load a slow boot may make the policy start node002 too; whatever it powers off it
+    # drained first.
+    for index, (_, action, node) in enumerate(steps):
+        if action == "power_off":
+            assert ("policy", "drain", node) in steps[:index], f"{node} went down undrained"
+    assert run.commands[0].node_ids == ("n1",)
     assert "DRAIN" in states["node001"][1], "drained before it went down"
     assert "node001" not in cluster.up_nodes()
 
