@@ -13,6 +13,7 @@ import typer
 import uvicorn
 
 from services.auth.login import login_command, logout_command
+from services.operator import register as register_operator_commands
 from services.registry import SERVICES
 from services.simulator.cli import simulate
 from shared.logs import configure_logging
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.command("login")(login_command)
 app.command("logout")(logout_command)
 app.command("simulate")(simulate)
+register_operator_commands(app)
 
 
 class ServiceName(StrEnum):

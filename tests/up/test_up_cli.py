@@ -112,6 +112,35 @@ def check_status_page_in_a_browser(url: str) -> None:
     assert shot.stat().st_size > 10_000
 
 
+def check_operator_commands(base: str, token: str, tmp_path: Path) -> None:
+    """The operator CLI reads through the API with a saved token; a read-only token cannot bake,
+    and says so in one line."""
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+
+    def hpcfleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HPCFLEET, *args, "--url", base, "--token-file", str(token_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    status = hpcfleet("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["pools"][0]["name"] == "default"
+    nodes = hpcfleet("nodes", "--json")
+    assert nodes.returncode == 0 and json.loads(nodes.stdout)["nodes"], nodes.stderr
+    cost = hpcfleet("cost", "--json")
+    assert cost.returncode == 0 and "billed_node_hours" in json.loads(cost.stdout)
+    table = hpcfleet("decisions")
+    assert table.returncode == 0 and "summary" in table.stdout
+    refused = hpcfleet("bake", "linux")
+    assert refused.returncode == 1
+    assert "403" in refused.stderr and "bakery:write" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 @pytest.mark.slow
 def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
@@ -144,6 +173,7 @@ def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> N
         ), decisions
         assert (tmp_path / ".hpcfleet" / "hpcfleet.db").exists()
         check_status_page_in_a_browser(f"{base}/")
+        check_operator_commands(base, token, tmp_path)
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
