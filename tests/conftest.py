@@ -15,12 +15,19 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import services.registry  # noqa: F401  (every service's tables join the metadata)
 from deploy.migrations import upgrade
 from shared.store import create_engine, metadata
+
+# In CI the property tests draw the same examples every run, so a red CI is reproducible and a
+# green one is not luck; locally they explore new examples each run.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 PG_ADMIN_DSN = os.environ.get("HPCFLEET_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ_URL = os.environ.get("HPCFLEET_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
