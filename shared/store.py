@@ -91,12 +91,18 @@ async def ping(engine: AsyncEngine) -> None:
 
 
 async def upsert(
-    conn: AsyncConnection, table: Table, values: dict[str, Any], keys: Sequence[str]
+    conn: AsyncConnection,
+    table: Table,
+    values: dict[str, Any],
+    keys: Sequence[str],
+    *,
+    update: bool = True,
 ) -> None:
-    """Insert a row, or update the existing one with the same `keys` (PostgreSQL and SQLite)."""
+    """Insert a row, or update the existing one with the same `keys` (PostgreSQL and SQLite);
+    with `update=False` an existing row is left as it is (safe against a concurrent insert)."""
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     statement = insert(table).values(**values)
-    changes = {name: statement.excluded[name] for name in values if name not in keys}
+    changes = {name: statement.excluded[name] for name in values if name not in keys and update}
     if changes:
         await conn.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changes))
     else:

@@ -48,6 +48,7 @@ from shared.loop import ReconcileLoop
 from shared.outbox import Mailbox
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
+from shared.store import upsert
 
 CONSUMER = "bakery"
 LOG_LINES = 200
@@ -362,11 +363,9 @@ class ScheduleKeeper:
                     )
                 ).scalar_one_or_none()
                 if anchor is None:  # first seen: count from now, do not build for the past
-                    await tx.conn.execute(
-                        insert(schedule).values(
-                            recipe=recipe.name, anchor=tx.now, updated_at=tx.now
-                        )
-                    )
+                    values = {"recipe": recipe.name, "anchor": tx.now, "updated_at": tx.now}
+                    # another process may see the recipe first: its anchor stands
+                    await upsert(tx.conn, schedule, values, ["recipe"], update=False)
                     continue
                 slot = due_slot(recipe.schedule, anchor, tx.now)
                 if slot is None:
