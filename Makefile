@@ -29,5 +29,8 @@ bench: $(STAMP)
 	bash deploy/scripts/ensure-services.sh
 	@for script in tests/benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos/chaos.py --seed $(or $(SEED),7) --minutes 10
+
 clean:
 	rm -rf $(VENV) .hpcfleet .pytest_cache .mypy_cache .ruff_cache

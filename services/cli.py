@@ -125,32 +125,50 @@ def worker(service: ServiceName) -> None:
     asyncio.run(run_worker(SERVICES[service.value], settings))
 
 
-def _slurm_hook(action: str, hostlist: str, autogrow_url: str | None) -> None:
+def _slurm_hook(
+    action: str,
+    hostlist: str,
+    autogrow_url: str | None,
+    auth_url: str | None,
+    client_secret_file: Path | None,
+) -> None:
     from services.autogrow.slurm_hooks import hook_main
 
     url = autogrow_url or os.environ.get("HPCFLEET_AUTOGROW_URL")
     if not url:
         typer.echo("hpcfleet: give --autogrow-url (Slurm runs this with no environment)", err=True)
         raise typer.Exit(2)
-    raise typer.Exit(hook_main(action, hostlist, url))
+    status = hook_main(
+        action, hostlist, url, auth_url=auth_url, client_secret_file=client_secret_file
+    )
+    raise typer.Exit(status)
+
+
+HOOK_AUTH_URL = typer.Option(None, help="auth's API, for the hook's token (API auth on).")
+HOOK_SECRET = typer.Option(None, help="File with the slurm client's secret (API auth on).")
 
 
 @app.command("slurm-resume")
 def slurm_resume(
     hostlist: str = typer.Argument(help="Slurm host list, e.g. node[001-004]."),
     autogrow_url: str | None = typer.Option(None, help="autogrow's API, e.g. http://host:8000"),
+    auth_url: str | None = HOOK_AUTH_URL,
+    client_secret_file: Path | None = HOOK_SECRET,
 ) -> None:
-    """Slurm's ResumeProgram: ask autogrow to power these nodes on."""
-    _slurm_hook("resume", hostlist, autogrow_url)
+    """Slurm's ResumeProgram: ask autogrow to power these nodes on. (Slurm's wrapper script had
+    better run `python -m services.autogrow.slurm_hooks resume ...`: the same, started faster.)"""
+    _slurm_hook("resume", hostlist, autogrow_url, auth_url, client_secret_file)
 
 
 @app.command("slurm-suspend")
 def slurm_suspend(
     hostlist: str = typer.Argument(help="Slurm host list, e.g. node[001-004]."),
     autogrow_url: str | None = typer.Option(None, help="autogrow's API, e.g. http://host:8000"),
+    auth_url: str | None = HOOK_AUTH_URL,
+    client_secret_file: Path | None = HOOK_SECRET,
 ) -> None:
     """Slurm's SuspendProgram: tell autogrow these nodes may go down (it picks the moment)."""
-    _slurm_hook("suspend", hostlist, autogrow_url)
+    _slurm_hook("suspend", hostlist, autogrow_url, auth_url, client_secret_file)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The operator's commands: `hpcfleet status`, `nodes`, `images`, `bake`, `pool set-size`,
-`decisions`, `cost`. They talk to the REST API (`--url`, HPCFLEET_URL) with the token that
-`hpcfleet login` saved; tables for people, `--json` for scripts."""
+`decisions`, `cost`, `policy show` / `policy set`. They talk to the REST API (`--url`,
+HPCFLEET_URL) with the token that `hpcfleet login` saved; tables for people, `--json` for
+scripts."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 POOL = typer.Option("default", help="Pool name.")
 
 pool_app = typer.Typer(help="Change a pool.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="See or change autogrow's power policy of each pool.", no_args_is_help=True
+)
 
 
 def _call(url: str, token_file: Path | None, method: str, path: str, body: Any = None) -> Any:
@@ -43,8 +47,14 @@ def _call(url: str, token_file: Path | None, method: str, path: str, body: Any =
         raise typer.Exit(1) from None
     if response.status_code >= 400:
         try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
+            answer = response.json()
+            detail = answer.get("detail", response.text)
+            problems = answer.get("problems") or []  # an invalid request: which field, why
+            if problems:
+                detail = f"{detail}: " + "; ".join(
+                    f"{p['where']}: {p['problem']}" for p in problems
+                )
+        except (ValueError, AttributeError, KeyError, TypeError):
             detail = response.text
         typer.echo(f"hpcfleet: {method} {path}: {response.status_code} {detail}", err=True)
         raise typer.Exit(1)
@@ -143,7 +153,134 @@ def cost(url: str = URL, token_file: Path | None = TOKEN_FILE, as_json: bool = A
     )
 
 
+_UNSET = {"max_running": "none", "partitions": "all", "billing": "image"}
+
+
+def _knob(view: dict[str, Any], knob: str) -> str:
+    """One knob of a pool's policy as shown: * marks the pool's own setting."""
+    value = view["policy"].get(knob)
+    if isinstance(value, list):
+        value = ",".join(sorted(str(v) for v in value))
+    shown = _UNSET.get(knob, "-") if value is None else str(value)
+    return f"{shown}*" if knob in view["overrides"] else shown
+
+
+@policy_app.command("show")
+def policy_show(
+    pool: str | None = typer.Argument(None, help="One pool; default: every pool."),
+    url: str = URL,
+    token_file: Path | None = TOKEN_FILE,
+    as_json: bool = AS_JSON,
+) -> None:
+    """Each pool's power policy, a column per pool; * marks the pool's own settings, the others
+    are the service's default."""
+    if pool is None:
+        data = _call(url, token_file, "GET", "/autogrow/policies")
+        views = data
+    else:
+        data = _call(url, token_file, "GET", f"/autogrow/policies/{pool}")
+        views = [data]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    knobs = list(dict.fromkeys(k for v in views for k in v["policy"]))
+    table = Table("setting", *(v["pool"] for v in views))
+    for knob in knobs:
+        table.add_row(knob, *(_knob(v, knob) for v in views))
+    table.add_row("updated", *(f"{v['updated_at'] or '-'} {v['updated_by'] or ''}" for v in views))
+    if any(v.get("problem") for v in views):
+        table.add_row("problem", *(v.get("problem") or "-" for v in views))
+    Console().print(table)
+
+
+def _json_value(text: str) -> Any:
+    """A --set value: JSON if it parses (2, 1.5, null, true, ["a"]), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@policy_app.command("set")
+def policy_set(
+    pool: str = typer.Argument(help="The pool."),
+    min_running: int | None = typer.Option(None, "--min", min=0, help="Nodes kept running."),
+    max_running: str | None = typer.Option(
+        None, "--max", help="Most nodes running or starting at once; 'none' for no cap."
+    ),
+    idle_seconds: float | None = typer.Option(
+        None, min=0, help="Per-second billing: idle this long before a node goes down."
+    ),
+    hourly_window_seconds: float | None = typer.Option(
+        None, help="Hourly billing: go down only in the last this many seconds of the hour."
+    ),
+    boot_timeout_seconds: float | None = typer.Option(
+        None, help="A node not registered by then is powered off."
+    ),
+    cores_per_node: int | None = typer.Option(None, min=1, help="Cores of a node."),
+    partitions: str | None = typer.Option(
+        None, help="Partitions the pool serves, comma-separated; 'all' for every one."
+    ),
+    billing: str | None = typer.Option(
+        None, help="per-second or hourly to override the images' billing; 'image' to follow it."
+    ),
+    assign: list[str] | None = typer.Option(
+        None, "--set", help="Any other setting, KNOB=VALUE (VALUE as JSON); repeatable."
+    ),
+    unset: list[str] | None = typer.Option(
+        None, "--unset", help="Make this setting follow the default again; repeatable."
+    ),
+    reset: bool = typer.Option(False, "--reset", help="Drop all of the pool's own settings first."),
+    url: str = URL,
+    token_file: Path | None = TOKEN_FILE,
+) -> None:
+    """Change a pool's own policy settings; the others keep following the default. autogrow
+    checks them and decides with them at once."""
+    given: dict[str, Any] = {}
+    for item in assign or []:
+        knob, sep, value = item.partition("=")
+        if not sep or not knob:
+            typer.echo(f"hpcfleet: --set takes KNOB=VALUE, not {item!r}", err=True)
+            raise typer.Exit(2)
+        given[knob.strip()] = _json_value(value)
+    if min_running is not None:
+        given["min_running"] = min_running
+    if max_running is not None:
+        if max_running.lower() == "none":
+            given["max_running"] = None
+        elif max_running.isdigit():
+            given["max_running"] = int(max_running)
+        else:
+            typer.echo(f"hpcfleet: --max takes a number or 'none', not {max_running!r}", err=True)
+            raise typer.Exit(2)
+    for knob, number in (
+        ("idle_seconds", idle_seconds),
+        ("hourly_window_seconds", hourly_window_seconds),
+        ("boot_timeout_seconds", boot_timeout_seconds),
+        ("cores_per_node", cores_per_node),
+    ):
+        if number is not None:
+            given[knob] = number
+    if partitions is not None:
+        names = [p.strip() for p in partitions.split(",") if p.strip()]
+        given["partitions"] = None if names == ["all"] else names
+    if billing is not None:
+        given["billing"] = None if billing == "image" else billing
+    if not given and not unset and not reset:
+        typer.echo("hpcfleet: nothing to change; see hpcfleet policy set --help", err=True)
+        raise typer.Exit(2)
+    current = _call(url, token_file, "GET", f"/autogrow/policies/{pool}")
+    own = {} if reset else dict(current["overrides"])
+    for knob in unset or []:
+        own.pop(knob, None)
+    own.update(given)
+    changed = _call(url, token_file, "PUT", f"/autogrow/policies/{pool}", own)
+    shown = ", ".join(f"{knob} {_knob(changed, knob)}" for knob in changed["policy"])
+    typer.echo(f"pool {pool}: {shown} (* its own)")
+
+
 def register(app: typer.Typer) -> None:
     for command in (status, nodes, images, bake, decisions, cost):
         app.command()(command)
     app.add_typer(pool_app, name="pool")
+    app.add_typer(policy_app, name="policy")

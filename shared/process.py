@@ -3,6 +3,11 @@
 Both build their dependencies here from the environment, stop cleanly on SIGTERM/SIGINT (the
 consumer is cancelled, in-flight handlers finish, connections close), and turn a configuration
 error into one clear line and exit status 2.
+
+A rehearsal replays a workload faster than real time (`HPCFLEET_CLOCK_SPEED`); every process of
+one run then reads the same accelerated clock, anchored at the real Unix time
+`HPCFLEET_CLOCK_EPOCH`, so that times one process records mean the same to the others. Tokens are
+always checked against real time: they are signed and expire in real time.
 """
 
 from __future__ import annotations
@@ -10,19 +15,58 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.api import ApiGuard, create_app
-from shared.clock import Clock
+from shared.clock import Clock, ScaledClock, SystemClock
 from shared.logs import configure_logging
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
 from shared.tokens import TokenVerifier
 
 ServiceBuilder = Callable[[Runtime], Service]
+
+
+class ClockSettings(BaseSettings):
+    """`HPCFLEET_CLOCK_`: the clock of a rehearsal that replays a workload faster than real time."""
+
+    model_config = SettingsConfigDict(env_prefix="HPCFLEET_CLOCK_", extra="ignore")
+
+    speed: float = Field(
+        default=1.0, gt=0, description="How much faster than real time the clock runs (1: real)."
+    )
+    epoch: float | None = Field(
+        default=None,
+        description="Real Unix time at which the accelerated clock reads the same as real time; "
+        "give every process of one run the same value (default: when the process starts).",
+    )
+
+
+def process_clock(settings: ClockSettings) -> Clock:
+    """The system clock, or the accelerated clock every process of the run agrees on."""
+    if settings.speed == 1.0:
+        return SystemClock()
+    real_now = time.time()
+    epoch = settings.epoch if settings.epoch is not None else real_now
+    origin = datetime.fromtimestamp(epoch, UTC) + timedelta(
+        seconds=(real_now - epoch) * settings.speed
+    )
+    return ScaledClock(settings.speed, origin)
+
+
+def _clock_or_exit() -> Clock:
+    try:
+        return process_clock(load_settings(ClockSettings))
+    except ConfigurationError as exc:
+        print(f"hpcfleet: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _settings_or_exit() -> Settings:
@@ -35,8 +79,8 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
-async def run_worker(build: ServiceBuilder, settings: Settings) -> None:
-    runtime = Runtime.from_settings(settings)
+async def run_worker(build: ServiceBuilder, settings: Settings, clock: Clock | None = None) -> None:
+    runtime = Runtime.from_settings(settings, clock=clock or _clock_or_exit())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,9 +125,9 @@ def api_guard(settings: Settings, clock: Clock) -> ApiGuard | None:
 def service_app(build: ServiceBuilder, *, title: str) -> FastAPI:
     """A uvicorn factory for one service's API; it also relays that service's outbox."""
     settings = _settings_or_exit()
-    runtime = Runtime.from_settings(settings)
+    runtime = Runtime.from_settings(settings, clock=_clock_or_exit())
     try:
-        guard = api_guard(settings, runtime.clock)
+        guard = api_guard(settings, SystemClock())  # tokens live in real time
     except ConfigurationError as exc:
         print(f"hpcfleet: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -24,7 +24,7 @@ import binascii
 import logging
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,10 +33,12 @@ from typing import Annotated, Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Path, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer
 from lxml import etree
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.adfs import (
     AdfsClient,
@@ -89,6 +91,7 @@ SCOPES: Mapping[str, str] = {
     "bakery:write": "Request image builds and retire images.",
     "autogrow:read": "See the queue snapshot and autogrow's decisions.",
     "autogrow:write": "Change autogrow's policy; drain nodes.",
+    "autogrow:hook": "Slurm's power hooks: have autogrow power the named nodes on or off.",
     "audit:read": "See security alerts.",
     "audit:write": "Acknowledge security alerts.",
     "admin": "Administer auth: see the STS broker's roles.",
@@ -110,9 +113,11 @@ PERSON_SCOPES: Mapping[str, frozenset[str]] = {
 }
 
 # Services (client-credentials grant): each gets its own AWS role's credentials and nothing else;
-# they talk to each other over the bus, not over each other's APIs.
+# they talk to each other over the bus, not over each other's APIs. `slurm` is Slurm's
+# ResumeProgram / SuspendProgram (`hpcfleet slurm-resume`): autogrow's hook routes, nothing else.
 CLIENT_SCOPES: Mapping[str, frozenset[str]] = {
-    name: frozenset({aws_scope(name)}) for name in ("pool", "bakery", "autogrow", "audit")
+    **{name: frozenset({aws_scope(name)}) for name in ("pool", "bakery", "autogrow", "audit")},
+    "slurm": frozenset({"autogrow:hook"}),
 }
 
 # What auth's own routes require (the README's table for auth).
@@ -556,6 +561,26 @@ def _basic_auth(request: Request) -> tuple[str | None, str | None]:
 # The router
 # ------------------------------------------------------------------------------------------------
 
+
+class _OAuthRoute(APIRoute):
+    """auth's routes answer a body that cannot be read (a form field over the form parser's
+    1 MB limit, a body that does not parse) as RFC 6749 does, `invalid_request`, rather than
+    with FastAPI's bare 400: the token endpoint's 400 is an OAuth2 error, as it declares."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as exc:  # Starlette's form parser raises its own
+                if exc.status_code != status.HTTP_400_BAD_REQUEST:
+                    raise
+                return OAuthError(400, "invalid_request", str(exc.detail)).response()
+
+        return handle
+
+
 FormText = Annotated[str | None, Form(max_length=1024)]
 TokenDep = Annotated[str | None, Depends(token_scheme)]
 
@@ -577,7 +602,7 @@ def make_router(context: AuthContext) -> APIRouter:
                 context.broker = None
                 await broker.stop()
 
-    router = APIRouter(prefix="/auth", tags=["auth"], lifespan=lifespan)
+    router = APIRouter(prefix="/auth", tags=["auth"], lifespan=lifespan, route_class=_OAuthRoute)
     grants = Grants(context)
 
     @router.post(

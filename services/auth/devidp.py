@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
+import ipaddress
 import secrets
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from lxml import etree
 from signxml import XMLSigner, methods
@@ -128,6 +130,59 @@ class SigningKeyPair:
     def from_files(cls, key_path: Path, cert_path: Path) -> SigningKeyPair:
         """A key and certificate kept on disk, so that restarts keep the same trust."""
         return cls(key_pem=key_path.read_bytes(), cert_pem=cert_path.read_bytes())
+
+
+@dataclass(frozen=True)
+class LoopbackTls:
+    """A self-signed TLS certificate (and key) for 127.0.0.1 and localhost, in PEM files.
+
+    AD FS sets its MSISAuth cookie `Secure`, so over plain http the real client would never send
+    it back and sign-in would loop: the development IdP is served over https with this, and its
+    clients trust `cert` as their CA bundle (which also exercises their CA-bundle option).
+    """
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def generate(cls, folder: Path, now: datetime) -> LoopbackTls:
+        """A P-256 key and a certificate valid from a day before `now` for 30 days, written to
+        `folder` (the key with mode 0600)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        tls = cls(folder / "devidp-tls.crt", folder / "devidp-tls.key")
+        tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        tls.key.touch(mode=0o600)
+        tls.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return tls
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client verifies the IdP with."""
+        return ssl.create_default_context(cafile=str(self.cert))
 
 
 @dataclass

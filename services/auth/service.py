@@ -7,6 +7,7 @@ has nothing to refresh, so it neither signs in to AD FS nor calls STS.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import sys
@@ -20,6 +21,7 @@ from services.auth.api import CLIENT_SCOPES, AuthContext, make_router
 from services.auth.saml import SamlTrust, load_certificates
 from services.auth.settings import AuthSettings
 from services.auth.tables import MAILBOX
+from shared.clock import ScaledClock, SystemClock
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, load_settings
 from shared.tokens import (
@@ -135,8 +137,18 @@ def assemble(runtime: Runtime, settings: AuthSettings) -> tuple[Service, AuthCon
     return Service.create(CONSUMER, runtime, runtime.mailbox(MAILBOX), router=router), context
 
 
+def real_time(runtime: Runtime) -> Runtime:
+    """auth's runtime on real time: tokens and STS credentials expire in real time, so a
+    rehearsal's accelerated clock (HPCFLEET_CLOCK_SPEED) would hand out tokens other APIs reject
+    and credentials botocore thinks are stale."""
+    if isinstance(runtime.clock, ScaledClock):
+        return dataclasses.replace(runtime, clock=SystemClock())
+    return runtime
+
+
 def build(runtime: Runtime, settings: AuthSettings | None = None) -> Service:
     """auth's service; `settings` default to the HPCFLEET_AUTH_ environment."""
+    runtime = real_time(runtime)
     if settings is not None:
         return assemble(runtime, settings)[0]
     settings = _settings_or_exit()

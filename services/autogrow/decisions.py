@@ -1,13 +1,20 @@
 """The decision loop and Slurm's power hooks: decide on autogrow's view, act, record.
 
-A pass reads the stored queue (refusing a view that failed or went stale) and autogrow's own table
-of the pool, calls the pure `decide()` with the clock's time, and acts:
+A pass reads the stored queue (refusing a view that failed or went stale), autogrow's own table of
+the pool's nodes and each pool's policy (`policy_store`), calls the pure `decide()` once per pool,
+with that pool's policy and the clock's time, and acts on each pool's decision:
 
 1. drain and resume (and, where Slurm decides, power-down) go to the scheduler first. They cannot
    join a database transaction, and each is idempotent, so a crash before step 2 only repeats them;
 2. one transaction then records the decision (its inputs, every action with its reason and outcome),
    updates the nodes (`drain_requested`, the command the pool has yet to act on) and emits
    `PowerOn` / `PowerOff`, which are published only if it commits.
+
+Pools share the queue: a pool whose policy names no partitions counts the waiting jobs of every
+partition. With several pools, such a pool counts only the partitions its own nodes serve in the
+snapshot, so that two pools do not both power on for the same job (pools serving one partition
+still do: name each pool's partitions). A pool's billing override replaces its nodes' image billing
+in the views `decide()` gets.
 
 A command is remembered on the node (`requested_power`) until the pool reports the node moving that
 way, or for `command_timeout_seconds`: meanwhile the policy sees the node starting or stopping and
@@ -24,6 +31,7 @@ calls the suspend hook, which emits the `PowerOff`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.autogrow.billing import BillingRules
 from services.autogrow.policy import Decision, NodeAction, PoolNodeView, decide
+from services.autogrow.policy_store import DEFAULT_POOL, PoolPolicy, default_policy, load_policies
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.slurm import SlurmScheduler
 from services.autogrow.tables import decisions, images, nodes
@@ -153,6 +162,49 @@ async def load_pool(
     }
 
 
+def group_by_pool(
+    pool: Mapping[str, tuple[Mapping[Any, Any], PoolNodeView | None]],
+) -> dict[str, list[tuple[Mapping[Any, Any], PoolNodeView]]]:
+    """The nodes the policy can power, by pool (sorted by name); with none, the default pool with
+    no nodes, so that a pass still decides (and says so) as it did before pools had policies."""
+    grouped: dict[str, list[tuple[Mapping[Any, Any], PoolNodeView]]] = {}
+    for row, view in pool.values():
+        if view is not None:
+            grouped.setdefault(row["pool"] or DEFAULT_POOL, []).append((row, view))
+    return {name: grouped[name] for name in sorted(grouped)} or {DEFAULT_POOL: []}
+
+
+def partitions_served(snapshot: QueueSnapshot, names: Sequence[str]) -> frozenset[str]:
+    """The partitions these scheduler nodes serve in the snapshot."""
+    wanted = set(names)
+    return frozenset(p for n in snapshot.nodes if n.name in wanted for p in n.partitions)
+
+
+def billed(view: PoolNodeView, override: BillingModel | None) -> PoolNodeView:
+    """The view with the pool's billing override in place of its image's billing model."""
+    if override is None or view.billing is override:
+        return view
+    return dataclasses.replace(view, billing=override)
+
+
+def together(decisions: Iterable[Decision], now: datetime) -> Decision:
+    """Several pools' decisions as one (the only one, when there is one pool)."""
+    parts = list(decisions)
+    if len(parts) == 1:
+        return parts[0]
+    rechecks = [d.recheck_at for d in parts if d.recheck_at is not None]
+    return Decision(
+        at=now,
+        demand_nodes=sum(d.demand_nodes for d in parts),
+        supply_nodes=sum(d.supply_nodes for d in parts),
+        recheck_at=min(rechecks, default=None),
+        power_on=tuple(a for d in parts for a in d.power_on),
+        resume=tuple(a for d in parts for a in d.resume),
+        drain=tuple(a for d in parts for a in d.drain),
+        power_off=tuple(a for d in parts for a in d.power_off),
+    )
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 
@@ -195,14 +247,18 @@ class Decider:
         self.settings = settings
         self.billing = billing
         self.on_hook = on_hook
+        self.default = default_policy(settings)  # of a pool with no policy of its own
         self.lock = asyncio.Lock()
-        self.last: Decision | None = None  # the latest decision, acted on or not
+        self.last: Decision | None = None  # the latest pass's decisions together, acted on or not
+        self.by_pool: dict[str, Decision] = {}  # the latest pass's decision of each pool
         self.blocked: str | None = None  # why the latest pass decided nothing
+        self._policy_problems: dict[str, str | None] = {}
         self._reread = False
         self._parsed: tuple[datetime | None, QueueSnapshot] | None = None
 
     async def step(self) -> Decision | None:
-        """One pass: decide and act, or explain (in `blocked`) why not."""
+        """One pass: decide and act for each pool, or explain (in `blocked`) why not. Returns the
+        pools' decisions together (`by_pool` has each)."""
         async with self.lock:
             fresh: QueueSnapshot | None = None
             if self._reread:  # the last pass changed the scheduler: see the result first
@@ -225,19 +281,40 @@ class Decider:
                     self._parsed = (state.changed_at, fresh)
                 snapshot = await self._snapshot(conn, state)
                 pool = await load_pool(conn, now, self.settings.command_timeout_seconds)
+                rows = group_by_pool(pool)
+                policies = await load_policies(conn, self.default, rows)
             self.blocked = None
             backoff = self.settings.refusal_backoff_seconds
-            views = [
-                view
-                for row, view in pool.values()
-                if view is not None and not held_back(row, now, backoff)
-            ]
-            decision = decide(snapshot, views, self.billing, now, self.settings.policy)
-            self.last = decision
-            acts = self._plan(decision, snapshot)
-            if acts:
-                await self._act(decision, snapshot, views, acts)
-            return decision
+            decisions: dict[str, Decision] = {}
+            touched = False
+            for name, members in rows.items():
+                resolved = policies[name]
+                self._note_policy_problem(name, resolved.problem)
+                policy = resolved.policy
+                if len(rows) > 1 and policy.partitions is None:
+                    served = partitions_served(snapshot, [v.scheduler_name for _, v in members])
+                    if served:
+                        policy = policy.model_copy(update={"partitions": served})
+                views = [
+                    billed(view, policy.billing)
+                    for row, view in members
+                    if not held_back(row, now, backoff)
+                ]
+                decision = decide(snapshot, views, self.billing, now, policy)
+                decisions[name] = decision
+                acts = self._plan(decision, snapshot)
+                if acts:
+                    touched |= await self._act(name, policy, decision, snapshot, views, acts)
+            self._reread = touched
+            self.by_pool = decisions
+            self.last = together(decisions.values(), now)
+            return self.last
+
+    def _note_policy_problem(self, pool: str, problem: str | None) -> None:
+        """Log a pool's unusable policy once per cause, not on every pass."""
+        if self._policy_problems.get(pool) != problem and problem is not None:
+            log.warning("autogrow pool %s: %s", pool, problem)
+        self._policy_problems[pool] = problem
 
     async def _snapshot(self, conn: AsyncConnection, state: QueueState) -> QueueSnapshot:
         """The stored snapshot, parsed only when it changed since the last pass."""
@@ -264,11 +341,14 @@ class Decider:
 
     async def _act(
         self,
+        pool: str,
+        policy: PoolPolicy,
         decision: Decision,
         snapshot: QueueSnapshot,
         views: Sequence[PoolNodeView],
         acts: list[_Act],
-    ) -> None:
+    ) -> bool:
+        """Act on one pool's decision; True if anything was asked of the scheduler."""
         decision_id = uuid.uuid4()
         touched = await self._tell_scheduler(decision_id, acts)
         async with self.mailbox.transaction() as tx:
@@ -276,8 +356,8 @@ class Decider:
                 tx,
                 decision_id,
                 "policy",
-                decision.summary,
-                _inputs(decision, snapshot, views, self.settings),
+                f"pool {pool}: {decision.summary}",
+                _inputs(pool, policy, decision, snapshot, views, self.settings),
                 acts,
             )
             for kind, change in _NODE_CHANGES.items():
@@ -290,7 +370,7 @@ class Decider:
                         update(nodes).where(nodes.c.node_id.in_(done)).values(**values)
                     )
             _emit(tx, decision_id, acts)
-        self._reread = touched
+        return touched
 
     async def _tell_scheduler(self, decision_id: uuid.UUID, acts: list[_Act]) -> bool:
         """Drain, resume and power down in the scheduler; True if anything was asked of it."""
@@ -454,6 +534,8 @@ def _emit(tx: Transaction, decision_id: uuid.UUID, acts: Sequence[_Act]) -> None
 
 
 def _inputs(
+    pool: str,
+    policy: PoolPolicy,
     decision: Decision,
     snapshot: QueueSnapshot,
     views: Sequence[PoolNodeView],
@@ -464,6 +546,7 @@ def _inputs(
     for view in views:
         power[view.power.value] = power.get(view.power.value, 0) + 1
     return {
+        "pool": pool,
         "mode": settings.mode,
         "snapshot_taken_at": snapshot.taken_at.isoformat(),
         "pending_jobs": snapshot.pending_jobs,
@@ -473,5 +556,5 @@ def _inputs(
         "supply_nodes": decision.supply_nodes,
         "pool_power": power,
         "recheck_at": None if decision.recheck_at is None else decision.recheck_at.isoformat(),
-        "policy": settings.policy.model_dump(mode="json"),
+        "policy": policy.model_dump(mode="json"),
     }

@@ -6,6 +6,10 @@ queue changed; the decision loop runs `decide()` on the latest queue and autogro
 pool whenever the queue or the pool changed, and every `poll_interval` for what time alone changes
 (idle limits, paid hours, boot timeouts). autogrow also consumes `QueueDepthChanged` itself, so a
 queue published by another watcher (the trace simulator, the benchmark) is decided on the same way.
+
+Each pool decides with its own policy (`GET/PUT /autogrow/policies/{pool}`): the service's settings
+with the knobs the operator set for that pool on top. A PUT kicks the decision loop of its process
+(in the single-process mode, the one that decides; a separate worker sees it on its next pass).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -27,13 +31,26 @@ from services.autogrow.billing import DEFAULT_RULES, BillingRules
 from services.autogrow.cluster import SimulatedCluster
 from services.autogrow.cost import Cost, close_intervals, cost_so_far, record_power
 from services.autogrow.decisions import OFF, ON, SLURM_OFF, Decider, UnknownNodes, settles
+from services.autogrow.policy_store import (
+    DEFAULT_POOL,
+    PoolPolicy,
+    billing_of,
+    combine,
+    default_policy,
+    describe,
+    known_pools,
+    load_stored,
+    overrides_of,
+    resolve,
+    save_policy,
+)
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.simulated import SimulatedScheduler
 from services.autogrow.slurm import SlurmScheduler
 from services.autogrow.swf import bundled_trace, open_swf
 from services.autogrow.tables import MAILBOX, decisions, images, nodes
 from services.autogrow.watcher import QueueWatcher, load_queue, queue_problem, store_snapshot
-from shared.api import ReadinessCheck
+from shared.api import ReadinessCheck, route_scope
 from shared.bus import Handler
 from shared.clock import Clock
 from shared.events import (
@@ -55,8 +72,11 @@ from shared.scheduler import NodeActivity, QueueSnapshot, Scheduler
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, load_settings
 from shared.store import upsert
+from shared.tokens import TokenClaims
 
 CONSUMER = "autogrow"
+HOOK_SCOPE = "autogrow:hook"
+"""What Slurm's hooks need (auth's `slurm` client gets only this): not autogrow:write."""
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +142,35 @@ class HookRequest(BaseModel):
     )
 
 
+PoolName = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="A pool's name, as its nodes' NodeProvisioned events give it.",
+    ),
+]
+
+
+class PolicyView(BaseModel):
+    pool: str
+    policy: PoolPolicy = Field(
+        description="What the pool's decisions use: the service's default policy with the "
+        "pool's own settings on top."
+    )
+    overrides: dict[str, Any] = Field(
+        description="The settings given for this pool (PUT); the others follow the service's "
+        "default. Empty: the pool follows the default."
+    )
+    updated_at: datetime | None = Field(description="When they were last set; None: never.")
+    updated_by: str | None = Field(description="Who set them (the token's subject), if known.")
+    problem: str | None = Field(
+        description="Why the pool's settings are not (all) used, e.g. a stored min_running above "
+        "a max_running the default got since; None: they are."
+    )
+
+
 class HookResponse(BaseModel):
     decision_id: str = Field(description="The recorded decision (GET /autogrow/decisions).")
     acted: list[str] = Field(description="Nodes powered on (resume) or off (suspend) now.")
@@ -129,9 +178,15 @@ class HookResponse(BaseModel):
     kept: list[str] = Field(description="suspend: nodes left running because jobs run on them.")
 
 
-def make_router(engine: AsyncEngine, decider: Decider, settings: AutogrowSettings) -> APIRouter:
+def make_router(
+    engine: AsyncEngine,
+    decider: Decider,
+    settings: AutogrowSettings,
+    on_policy_change: Callable[[], None] = lambda: None,
+) -> APIRouter:
     router = APIRouter(prefix="/autogrow", tags=["autogrow"])
     clock = decider.mailbox.clock
+    default = decider.default
 
     @router.get(
         "/queue",
@@ -189,6 +244,81 @@ def make_router(engine: AsyncEngine, decider: Decider, settings: AutogrowSetting
             for row in rows
         ]
 
+    async def policy_views(conn: AsyncConnection, pools: list[str]) -> list[PolicyView]:
+        stored = await load_stored(conn, pools)
+        views = []
+        for pool in pools:
+            row = stored.get(pool)
+            resolved = resolve(default, row.overrides if row is not None else None)
+            views.append(
+                PolicyView(
+                    pool=pool,
+                    policy=resolved.policy,
+                    overrides=row.overrides if row is not None else {},
+                    updated_at=row.updated_at if row is not None else None,
+                    updated_by=row.updated_by if row is not None else None,
+                    problem=resolved.problem,
+                )
+            )
+        return views
+
+    async def known(conn: AsyncConnection, pool: str) -> None:
+        pools = await known_pools(conn)
+        if pool not in pools:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"autogrow knows no pool {pool!r}: it learns a pool from its nodes' events "
+                f"(known: {', '.join(sorted(pools)) or 'none yet'})",
+            )
+
+    @router.get(
+        "/policies",
+        summary="Every pool's power policy: the service's default with the pool's own settings.",
+    )
+    async def list_policies() -> list[PolicyView]:
+        async with engine.connect() as conn:
+            return await policy_views(conn, sorted(await known_pools(conn)))
+
+    @router.get(
+        "/policies/{pool}",
+        summary="One pool's power policy and which of its settings are its own.",
+        responses={404: {"description": "autogrow knows no such pool."}},
+    )
+    async def get_policy(pool: PoolName) -> PolicyView:
+        async with engine.connect() as conn:
+            await known(conn, pool)
+            return (await policy_views(conn, [pool]))[0]
+
+    @router.put(
+        "/policies/{pool}",
+        summary="Set a pool's own policy settings; decisions use them at once.",
+        description="The body names the settings the pool has of its own (an explicit null "
+        "included, e.g. `max_running: null` for no cap); every setting it leaves out follows the "
+        "service's default. `{}` returns the pool to the default. Unknown settings are refused.",
+        responses={
+            404: {"description": "autogrow knows no such pool."},
+            422: {"description": "Invalid settings, or ones that do not fit the default."},
+        },
+    )
+    async def put_policy(pool: PoolName, body: PoolPolicy, request: Request) -> PolicyView:
+        overrides = overrides_of(body)
+        try:
+            combine(default, overrides)
+        except ValidationError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"with the service's default for the settings not given: {describe(exc)}",
+            ) from None
+        claims = getattr(request.state, "claims", None)
+        by = claims.subject if isinstance(claims, TokenClaims) else None
+        async with decider.mailbox.transaction() as tx:
+            await known(tx.conn, pool)
+            await save_policy(tx.conn, pool, overrides, tx.now, by)
+        log.info("autogrow pool %s: policy set by %s: %s", pool, by or "-", overrides)
+        on_policy_change()
+        async with engine.connect() as conn:
+            return (await policy_views(conn, [pool]))[0]
+
     async def hook(action: str, request: HookRequest) -> HookResponse:
         names = list(dict.fromkeys(request.nodes))
         try:
@@ -207,16 +337,18 @@ def make_router(engine: AsyncEngine, decider: Decider, settings: AutogrowSetting
 
     @router.post(
         "/hooks/resume",
-        summary="Slurm's ResumeProgram: power these nodes on now.",
+        summary="Slurm's ResumeProgram: power these nodes on now (scope autogrow:hook).",
         responses={404: {"description": "Some nodes are not pool nodes autogrow knows."}},
+        openapi_extra=route_scope(HOOK_SCOPE),
     )
     async def resume_hook(request: HookRequest) -> HookResponse:
         return await hook("resume", request)
 
     @router.post(
         "/hooks/suspend",
-        summary="Slurm's SuspendProgram: power these nodes off (busy ones are kept).",
+        summary="Slurm's SuspendProgram: power these nodes off, busy ones kept (autogrow:hook).",
         responses={404: {"description": "Some nodes are not pool nodes autogrow knows."}},
+        openapi_extra=route_scope(HOOK_SCOPE),
     )
     async def suspend_hook(request: HookRequest) -> HookResponse:
         return await hook("suspend", request)
@@ -227,9 +359,13 @@ def make_router(engine: AsyncEngine, decider: Decider, settings: AutogrowSetting
 # ---- the handlers -------------------------------------------------------------------------------
 
 
-def make_handlers(mailbox: Mailbox, on_change: Callable[[], None]) -> dict[str, Handler]:
+def make_handlers(
+    mailbox: Mailbox, on_change: Callable[[], None], default: PoolPolicy | None = None
+) -> dict[str, Handler]:
     """The pool's and bakery's events, and queues from any watcher; each kicks the decision loop
-    once its change is committed."""
+    once its change is committed. `default` is the policy of a pool without its own, for the
+    billing a run is costed with."""
+    default = default or PoolPolicy()
 
     async def on_node_provisioned(message: Message) -> None:
         assert isinstance(message, NodeProvisioned)
@@ -275,9 +411,9 @@ def make_handlers(mailbox: Mailbox, on_change: Callable[[], None]) -> dict[str, 
             if row is not None and settles(row["requested_power"], message.state):
                 values |= {"requested_power": None, "requested_at": None}
             await _save_node(tx.conn, message.node_id, values, exists=row is not None)
-            await record_power(
-                tx.conn, message.node_id, message.state, message.since, message.billing
-            )
+            pool = row["pool"] if row is not None else DEFAULT_POOL
+            billing = await billing_of(tx.conn, pool, default) or message.billing
+            await record_power(tx.conn, message.node_id, message.state, message.since, billing)
         on_change()
 
     async def on_node_retiring(message: Message) -> None:
@@ -490,8 +626,10 @@ def assemble(
         CONSUMER,
         runtime,
         mailbox,
-        router=make_router(runtime.engine, decider, settings),
-        handlers=make_handlers(mailbox, decide_loop.kick),
+        router=make_router(
+            runtime.engine, decider, settings, on_policy_change=lambda: decide_loop.kick()
+        ),
+        handlers=make_handlers(mailbox, decide_loop.kick, default_policy(settings)),
         loops=[watch_loop, decide_loop],
     )
     autogrow = Autogrow(service, scheduler, watcher, decider, watch_loop, decide_loop)

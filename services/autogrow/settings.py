@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.autogrow.policy import PolicySettings
 from services.autogrow.swf import BUNDLED_TRACES
+from shared.events import BillingModel
 
 Mode = Literal["hpcfleet-decides", "slurm-decides"]
 SchedulerKind = Literal["slurm", "simulated"]
@@ -58,7 +59,16 @@ class AutogrowSettings(BaseSettings):
         "out of the policy's view this long, so that another node is powered on instead; a new "
         "power report from the pool ends it sooner.",
     )
-    policy: PolicySettings = Field(default_factory=PolicySettings, description="The power policy.")
+    policy: PolicySettings = Field(
+        default_factory=PolicySettings,
+        description="The power policy of every pool without its own (PUT /autogrow/policies/...); "
+        "a pool's own policy overrides only the knobs it names.",
+    )
+    billing: BillingModel | None = Field(
+        default=None,
+        description="Bill every pool's nodes this way (per-second or hourly) instead of by their "
+        "image's billing model, unless a pool's own policy says otherwise; None: the image's.",
+    )
     slurm_bin_dir: Path | None = Field(
         default=None, description="Where squeue, sinfo and scontrol are; default: on PATH."
     )

@@ -78,3 +78,14 @@ power_intervals = Table(
     Column("ended_at", UtcDateTime, nullable=True),
     Column("billing", String(20), nullable=False),
 )
+
+# Each pool's policy as the operator set it (PUT /autogrow/policies/{pool}): only the knobs given,
+# so a knob left out follows the service's default (HPCFLEET_AUTOGROW_POLICY__...) as it changes.
+policies = Table(
+    "autogrow_policies",
+    metadata,
+    Column("pool", String(64), primary_key=True),
+    Column("settings", JSON, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("updated_by", String(256), nullable=True),  # the token's subject, if the API checks them
+)

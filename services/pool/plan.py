@@ -44,6 +44,8 @@ Rules, in the order they are applied:
 7. Shrink, new nodes first: fresh nodes beyond `size` are removed starting with the ones not yet
    provisioned (newest first: none is available yet, so availability does not dip).
 8. Warm: a new node that finished its first boot is stopped; one that is stopped is provisioned.
+   So the first boot is a provisioning boot, and the image must not let the node take jobs then
+   (the bundled recipes start slurmd from the second boot on), or the stop would kill them.
 9. Roll: old stopped nodes are terminated (unhealthy, then shrink, then outdated, then expired;
    oldest first) while the available nodes stay above `size - max_unavailable`; a fresh replacement
    that became available is what lets the next one go (create-before-destroy). Every other old

@@ -146,16 +146,20 @@ async def busy_names(conn: AsyncConnection) -> tuple[datetime | None, frozenset[
 
 
 async def update_rows(conn: AsyncConnection, changes: list[dict[str, Any]]) -> None:
-    """Apply per-row changes (each a dict with `node_id` and the same other keys) in one call."""
-    if not changes:
-        return
-    keys = [k for k in changes[0] if k != "node_id"]
-    statement = (
-        update(nodes)
-        .where(nodes.c.node_id == bindparam("b_node_id"))
-        .values({k: bindparam(f"b_{k}") for k in keys})
-    )
-    await conn.execute(statement, [{f"b_{k}": v for k, v in change.items()} for change in changes])
+    """Apply per-row changes (each a dict with `node_id` and the columns to set): one executemany
+    per set of columns, since one statement cannot set a column for some rows only (a PowerOff
+    that stops one node and terminates another failed on that, found by the chaos run)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for change in changes:
+        keys = tuple(sorted(k for k in change if k != "node_id"))
+        groups.setdefault(keys, []).append({f"b_{k}": v for k, v in change.items()})
+    for keys, rows in groups.items():
+        statement = (
+            update(nodes)
+            .where(nodes.c.node_id == bindparam("b_node_id"))
+            .values({k: bindparam(f"b_{k}") for k in keys})
+        )
+        await conn.execute(statement, rows)
 
 
 def record_values(record: NodeRecord) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from services.pool.records import GONE, LIVE, load_spec, load_specs, save_spec
 from services.pool.settings import PoolSettings
 from services.pool.spec import PoolSpec
 from services.pool.tables import MAILBOX, backoffs, images, nodes, pools, scheduler
+from shared.api import ApiError
 from shared.bus import Handler
 from shared.cloud import Cloud, CloudError
 from shared.cloud.aws import AwsCloud, instance_types
@@ -189,8 +190,14 @@ async def _pool_view(conn: AsyncConnection, row: Any, now: datetime) -> PoolView
     )
 
 
-def _unprocessable(problem: str, **extra: Any) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problem": problem, **extra})
+def _unprocessable(problem: str, problems: Sequence[str] = ()) -> ApiError:
+    """422 with the answer every 422 has (`shared.api.InvalidRequest`): `detail`, and each of the
+    spec's `problems` beside it."""
+    return ApiError(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        problem,
+        problems=[{"where": "body", "problem": p} for p in problems],
+    )
 
 
 def make_router(
@@ -237,7 +244,7 @@ def make_router(
             raise _unprocessable(f"unknown instance type(s): {', '.join(unknown)}")
         problems = spec.model_copy(update={"image_id": spec.image_id or "-"}).problems()
         if problems:
-            raise _unprocessable("the pool could not act on this spec", problems=list(problems))
+            raise _unprocessable("the pool could not act on this spec", problems)
         async with mailbox.engine.connect() as conn:
             current = await load_spec(conn, name)
             others = [s for s in await load_specs(conn) if s.name != name]

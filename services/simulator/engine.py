@@ -65,6 +65,7 @@ class Policy(Protocol):
     name: str
     warm_pool: bool  # starts stopped nodes (boot_seconds) rather than launching (launch_seconds)
     reacts_to_queue: bool  # woken at once by a waiting job or a booted node
+    wakes_on_arrival: bool  # woken at once by any arrival (it warms nodes for what comes next)
     interval: float | None  # its own reconcile interval; None: the config's
 
     def setup(self, cluster: Cluster) -> None:
@@ -283,7 +284,12 @@ def run(
                 arrived = True
             if scheduler.done:
                 break
-            urgent = arrived and reacts and scheduler.pending_jobs > 0 and bool(cluster.stopped)
+            urgent = (
+                arrived
+                and reacts
+                and bool(cluster.stopped)
+                and (scheduler.pending_jobs > 0 or policy.wakes_on_arrival)
+            )
         if cluster.finish_boots():
             changed = True
             urgent = urgent or reacts

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import replace
+from datetime import datetime
 
-from services.autogrow.policy import PolicySettings, PoolNodeView, decide
+from services.autogrow.policy import PolicySettings, PoolNodeView, QueueOutlook, decide
 from services.simulator.engine import Cluster, Policy
 from shared.events import BillingModel, PowerState
 from shared.scheduler import NodeActivity, QueueSnapshot
@@ -53,6 +53,7 @@ class AlwaysOn:
     name = "always-on"
     warm_pool = True
     reacts_to_queue = False
+    wakes_on_arrival = False
     interval: float | None = None
 
     def setup(self, cluster: Cluster) -> None:
@@ -75,6 +76,7 @@ class _Reactive(ABC):
     name = "reactive"
     warm_pool = True
     reacts_to_queue = True
+    wakes_on_arrival = False
     interval: float | None = None
 
     def setup(self, cluster: Cluster) -> None:
@@ -150,6 +152,7 @@ class TargetTracking:
     name = "asg-5min"
     warm_pool = False
     reacts_to_queue = False
+    wakes_on_arrival = False
     PERIOD = 300.0
     COOLDOWN = 300.0
     SCALE_IN_PERIODS = 3
@@ -215,11 +218,13 @@ class Hpcfleet:
     def __init__(self, settings: PolicySettings | None = None) -> None:
         self.settings = settings
         self.views: list[PoolNodeView] = []
+        self.wakes_on_arrival = False
 
     def setup(self, cluster: Cluster) -> None:
         config = cluster.config
         if self.settings is None:
             self.settings = PolicySettings(cores_per_node=config.cores_per_node)
+        self.wakes_on_arrival = self.settings.warm_starts and self.settings.warm_max_nodes > 0
         since = cluster.at(cluster.now)
         self.views = [
             PoolNodeView(name, name, PowerState.STOPPED, since, config.billing)
@@ -231,7 +236,10 @@ class Hpcfleet:
         rule); hourly billing: it may be due at once, in the last minutes of its paid hour."""
         assert self.settings is not None, "setup() first"
         if cluster.config.billing is BillingModel.PER_SECOND:
-            return self.settings.idle_seconds
+            settings = self.settings
+            if settings.warm_max_nodes and settings.warm_window_seconds:
+                return min(settings.idle_seconds, settings.warm_idle_seconds)
+            return settings.idle_seconds
         return 0.0
 
     def step(self, cluster: Cluster) -> float | None:
@@ -239,30 +247,49 @@ class Hpcfleet:
         views, rules, settings = self.views, cluster.config.rules, self.settings
         index = cluster.index
         now = cluster.at(cluster.now)
+        arrivals = cluster.scheduler.recent_arrivals(settings.warm_window_seconds)
         decision = None
         for _ in range(self.PASSES):
-            decision = decide(cluster.snapshot(), views, rules, now, settings)
+            outlook = QueueOutlook(arrivals)
+            decision = decide(cluster.snapshot(), views, rules, now, settings, outlook)
             if decision.power_on:
                 started = [index[a.scheduler_name] for a in decision.power_on]
                 cluster.power_on(started)
                 for i in started:
-                    views[i] = replace(views[i], power=PowerState.RUNNING, since=now)
+                    views[i] = _with(views[i], PowerState.RUNNING, now, views[i].drain_requested)
             for actions, drain in ((decision.drain, True), (decision.resume, False)):
                 if actions:
                     nodes = [index[a.scheduler_name] for a in actions]
                     (cluster.drain if drain else cluster.resume)(nodes)
                     for i in nodes:
-                        views[i] = replace(views[i], drain_requested=drain)
+                        view = views[i]
+                        views[i] = _with(view, view.power, view.since, drain)
             if decision.power_off:
                 stopped = [index[a.scheduler_name] for a in decision.power_off]
                 cluster.power_off(stopped)
                 for i in stopped:
-                    views[i] = replace(views[i], power=PowerState.STOPPED, since=now)
+                    views[i] = _with(views[i], PowerState.STOPPED, now, views[i].drain_requested)
             if not (decision.drain or decision.resume):
                 break
         assert decision is not None
         at = decision.recheck_at
         return None if at is None else (at - cluster.origin).total_seconds()
+
+
+def _with(
+    view: PoolNodeView, power: PowerState, since: datetime, drain_requested: bool
+) -> PoolNodeView:
+    """The view with a new power state and drain flag (`dataclasses.replace`, without its cost)."""
+    return PoolNodeView(
+        view.node_id,
+        view.scheduler_name,
+        power,
+        since,
+        view.billing,
+        view.image_built_at,
+        view.retiring,
+        drain_requested,
+    )
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

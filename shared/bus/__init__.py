@@ -11,7 +11,7 @@ Delivery is at least once: handlers deduplicate through the inbox (`shared.outbo
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -56,6 +56,11 @@ class Bus(Protocol):
 
     async def publish(self, envelope: Envelope) -> None:
         """Returns once the broker has confirmed the message."""
+        ...
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish in order and return once the broker has confirmed them all (an outbox batch:
+        the confirms are awaited together, not one round trip each)."""
         ...
 
     async def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:

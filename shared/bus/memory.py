@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from shared.bus import DeadLetter, Envelope, Handler, Outcome, dispatch
 
@@ -39,6 +39,10 @@ class MemoryBus:
         await self.ping()
         for consumer in self._bindings.get(envelope.name, ()):
             self._queues[consumer].items.put_nowait((envelope, 1))
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        for envelope in envelopes:
+            await self.publish(envelope)
 
     async def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
         await self.ping()

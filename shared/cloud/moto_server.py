@@ -8,10 +8,20 @@ front of moto adds what moto lacks (see /work/shared/notes/moto-fidelity.md):
   token, and the same token with other parameters gets ``IdempotentParameterMismatch``.
 * Fault injection: ``POST /_fault`` with JSON ``{action, code, status, count | rate, message}``
   makes matching calls fail (``action`` is the API action, e.g. ``RunInstances``, or ``*``);
-  ``DELETE /_fault`` clears; ``GET /_fault`` lists. `MotoServer.inject_fault` does the same.
+  ``DELETE /_fault`` clears; ``GET /_fault`` lists, with the calls each fault failed so far
+  (``hits``). `MotoServer.inject_fault` does the same.
+
+* LaunchTime restarts when a stopped instance starts, as on EC2 (moto keeps the first launch's,
+  which made every later run of a node look like it began at its first launch).
+* Instance times on a rehearsal's clock: with ``clock_speed`` (``--clock-speed``, ``--clock-epoch``)
+  EC2 stamps launches and state transitions on the same accelerated clock the services read
+  (`shared.process.ClockSettings`), so the times EC2 reports agree with theirs.
 
 ``POST /moto-api/reset`` also clears the token cache and the faults, so a reset is a fresh AWS.
 Moto's backends are global to the process: two MotoServers in one process share their state.
+
+Benchmarks time what reaches AWS: `MotoServer(record=("StartInstances",))` notes the time each
+such call arrived (`recorded`), taken before moto handles it, so no polling delay is measured.
 """
 
 from __future__ import annotations
@@ -24,10 +34,12 @@ import random
 import re
 import signal
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from http.client import responses
 from types import TracebackType
 from typing import Any, Self
@@ -45,6 +57,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 FAULT_PATH = "/_fault"
 RESET_PATH = "/moto-api/reset"
 _REGION = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/")
+_ACCESS_KEY = re.compile(r"Credential=([^/]+)/")
 _MISMATCH = (
     "Arguments on this idempotent request are inconsistent with arguments used in previous "
     "request(s)."
@@ -66,6 +79,7 @@ class Fault:
     count: int | None = 1
     rate: float = 1.0
     message: str = ""
+    hits: int = 0  # calls failed so far, so a chaos run can report what it injected
 
     @classmethod
     def from_json(cls, data: Any) -> Fault:
@@ -89,6 +103,22 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class RecordedCall:
+    """One recorded AWS call: when it arrived (epoch seconds), its query parameters, and the
+    access key it was signed with (empty if unsigned), to tell whose credentials made it."""
+
+    at: float
+    action: str
+    params: dict[str, str]
+    access_key: str = ""
+
+    def values(self, prefix: str) -> list[str]:
+        """The members of a query-protocol list, e.g. ``values("InstanceId")`` for
+        ``InstanceId.1``, ``InstanceId.2``..."""
+        return [v for k, v in self.params.items() if k.rpartition(".")[0] == prefix]
+
+
+@dataclass(frozen=True)
 class _Response:
     status: str
     headers: list[tuple[str, str]]
@@ -98,10 +128,12 @@ class _Response:
 class AwsFidelityMiddleware:
     """WSGI middleware in front of moto: ClientToken idempotency and fault injection."""
 
-    def __init__(self, app: WSGIApplication, seed: int = 0) -> None:
+    def __init__(self, app: WSGIApplication, seed: int = 0, record: Iterable[str] = ()) -> None:
         self._app = app
         self._random = random.Random(seed)
+        self._record = frozenset(record)
         self._lock = threading.Lock()  # guards everything below
+        self._recorded: list[RecordedCall] = []
         self._faults: list[Fault] = []
         self._launches: dict[tuple[str, str], tuple[tuple[tuple[str, str], ...], _Response]] = {}
         self._token_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -119,14 +151,22 @@ class AwsFidelityMiddleware:
         with self._lock:
             return [replace(f) for f in self._faults]
 
-    def reset(self) -> None:
-        """Forget faults and client tokens (moto's own reset empties its backends)."""
+    def recorded(self, action: str | None = None) -> list[RecordedCall]:
+        """The calls recorded so far (of `action`, or all), oldest first."""
         with self._lock:
+            return [c for c in self._recorded if action is None or c.action == action]
+
+    def reset(self) -> None:
+        """Forget faults, client tokens and recorded calls (moto's own reset empties its
+        backends)."""
+        with self._lock:
+            self._recorded.clear()
             self._faults.clear()
             self._launches.clear()
             self._token_locks.clear()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        arrived = time.time()  # before anything else, for `record`
         path = environ.get("PATH_INFO", "")
         if path == FAULT_PATH:
             return self._control(environ, start_response)
@@ -136,6 +176,11 @@ class AwsFidelityMiddleware:
         target = environ.get("HTTP_X_AMZ_TARGET")
         params = _form(environ, body) if target is None else {}
         action = target.rpartition(".")[2] if target else params.get("Action", "")
+        if action in self._record:
+            signed = _ACCESS_KEY.search(environ.get("HTTP_AUTHORIZATION", ""))
+            call = RecordedCall(arrived, action, params, signed.group(1) if signed else "")
+            with self._lock:
+                self._recorded.append(call)
         fault = self._take_fault(action) if action else None
         if fault is not None:
             return _error(
@@ -150,6 +195,7 @@ class AwsFidelityMiddleware:
         with self._lock:
             for fault in self._faults:
                 if fault.action in (action, "*") and self._random.random() < fault.rate:
+                    fault.hits += 1
                     if fault.count is not None:
                         fault.count -= 1
                         if fault.count <= 0:
@@ -269,6 +315,36 @@ def _json(start_response: StartResponse, status: str, payload: Any) -> Iterable[
     return [body]
 
 
+def _restart_launch_time() -> None:
+    """Make moto's instance start reset LaunchTime, as EC2 does; installed once per process."""
+    from moto.ec2.models import instances
+
+    original = instances.Instance.start
+    if getattr(original, "_resets_launch_time", False):
+        return
+
+    def start(self: Any) -> Any:
+        previous = original(self)
+        if previous.name == "stopped":
+            self.launch_time = instances.utcnow()
+        return previous
+
+    start._resets_launch_time = True  # type: ignore[attr-defined]
+    instances.Instance.start = start  # type: ignore[method-assign]
+
+
+def ec2_clock(speed: float, epoch: float) -> None:
+    """Stamp EC2 instance times on an accelerated clock: `speed` times real time from the Unix time
+    `epoch` (moto's backends are global, so this holds for every server in the process)."""
+    from moto.ec2.models import instances
+
+    def scaled_utcnow() -> datetime:
+        scaled = epoch + (time.time() - epoch) * speed
+        return datetime.fromtimestamp(scaled, UTC).replace(tzinfo=None)  # moto's are naive UTC
+
+    instances.utcnow = scaled_utcnow
+
+
 class _QuietHandler(MotoRequestHandler):
     """No line on stderr per request: a test run makes thousands."""
 
@@ -294,13 +370,20 @@ class MotoServer:
         load_default_amis: bool = False,
         seed: int = 0,
         verbose: bool = False,
+        record: Iterable[str] = (),
+        clock_speed: float = 1.0,
+        clock_epoch: float | None = None,
     ) -> None:
+        """`record` names the actions (e.g. ``StartInstances``) whose arrival times to keep;
+        `clock_speed` and `clock_epoch` put EC2's instance times on a rehearsal's clock."""
+        self.clock_speed = clock_speed
+        self.clock_epoch = clock_epoch
         self.host = host
         self.port = port
         self.load_default_amis = load_default_amis
         self.verbose = verbose
         self.middleware = AwsFidelityMiddleware(
-            DomainDispatcherApplication(create_backend_app), seed=seed
+            DomainDispatcherApplication(create_backend_app), seed=seed, record=record
         )
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -310,6 +393,9 @@ class MotoServer:
         if self._server is not None:
             return self
         os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = str(self.load_default_amis).lower()
+        _restart_launch_time()
+        if self.clock_speed != 1.0:
+            ec2_clock(self.clock_speed, self.clock_epoch or time.time())
         server = make_server(
             self.host,
             self.port,
@@ -367,6 +453,10 @@ class MotoServer:
     def clear_faults(self) -> None:
         self.middleware.clear_faults()
 
+    def recorded(self, action: str | None = None) -> list[RecordedCall]:
+        """Calls of the actions given as `record`, with their arrival times; see `RecordedCall`."""
+        return self.middleware.recorded(action)
+
     def reset(self) -> None:
         """Empty every moto backend and forget faults and client tokens (``POST
         /moto-api/reset``). Blocking: call it from a sync fixture or a thread."""
@@ -385,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for random faults")
     parser.add_argument("--default-amis", action="store_true", help="load moto's public AMIs")
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument("--clock-speed", type=float, default=1.0, help="EC2 times run this fast")
+    parser.add_argument("--clock-epoch", type=float, default=None, help="...from this Unix time")
     args = parser.parse_args(argv)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -395,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_default_amis=args.default_amis,
         seed=args.seed,
         verbose=args.verbose,
+        clock_speed=args.clock_speed,
+        clock_epoch=args.clock_epoch,
     ) as server:
         print(server.endpoint, flush=True)
         stopped.wait()

@@ -643,6 +643,23 @@ class SlurmCluster:
         }
 
 
+def hpcfleet_hook(
+    action: str,
+    autogrow_url: str,
+    *,
+    auth_url: str | None = None,
+    client_secret_file: str | Path | None = None,
+) -> list[str]:
+    """The command a production wrapper script runs for ResumeProgram (`resume`) or
+    SuspendProgram (`suspend`), for `resume_command` / `suspend_command`; Slurm appends the host
+    list. With `auth_url` and `client_secret_file` it gets its token from auth (API auth on)."""
+    command = [sys.executable, "-m", "services.autogrow.slurm_hooks", action]
+    command += ["--autogrow-url", autogrow_url]
+    if auth_url is not None and client_secret_file is not None:
+        command += ["--auth-url", auth_url, "--client-secret-file", str(client_secret_file)]
+    return command
+
+
 def _user_name() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 

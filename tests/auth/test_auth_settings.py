@@ -128,9 +128,9 @@ def test_key_and_client_problems_stop_the_process_with_one_line(
     assert err.startswith("hpcfleet: invalid configuration: HPCFLEET_AUTH_SIGNING_KEY")
     assert "\n" not in err
 
-    with pytest.raises(ConfigurationError, match="slurm not in the scope map"):
+    with pytest.raises(ConfigurationError, match="scheduler not in the scope map"):
         make_context(
-            AuthSettings(environment="development", clients={"slurm": SecretRef("env", "X")}),
+            AuthSettings(environment="development", clients={"scheduler": SecretRef("env", "X")}),
             runtime,
         )
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from services.autogrow.service import Autogrow, assemble
 from services.autogrow.settings import AutogrowSettings, Mode
 from services.autogrow.slurm import SlurmScheduler
 from services.autogrow.tables import decisions, nodes
-from shared.api import create_app
+from shared.api import ApiGuard, create_app
 from shared.bus import Envelope
 from shared.bus.memory import MemoryBus
 from shared.clock import SystemClock
@@ -40,14 +39,10 @@ from shared.events import (
 )
 from shared.service import Runtime
 from shared.settings import Settings
-from shared.testing.slurm_cluster import SlurmCluster, SlurmNotInstalled
+from shared.testing.auth_service import serve_auth
+from shared.testing.slurm_cluster import SlurmCluster, SlurmNotInstalled, hpcfleet_hook
 
 pytestmark = pytest.mark.slow
-
-HOOK = (
-    "import sys; from services.autogrow.slurm_hooks import hook_main; "
-    "sys.exit(hook_main(sys.argv[1], sys.argv[3], sys.argv[2]))"
-)
 NODES = {"n1": "node001", "n2": "node002"}
 
 
@@ -133,8 +128,8 @@ async def autogrow_on(cluster: SlurmCluster, mode: Mode, tmp_path: Path) -> Asyn
 
 
 @asynccontextmanager
-async def serving(autogrow: Autogrow, port: int) -> AsyncIterator[None]:
-    app = create_app(title="autogrow", routers=[autogrow.service.router])
+async def serving(autogrow: Autogrow, port: int, guard: ApiGuard) -> AsyncIterator[None]:
+    app = create_app(title="autogrow", routers=[autogrow.service.router], guard=guard)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
@@ -209,35 +204,39 @@ async def test_hpcfleet_decides_with_slurm(tmp_path: Path) -> None:
 
 
 async def test_slurm_decides_with_slurm(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    with serve_auth(tmp_path / "auth") as auth:  # the hooks' tokens: API auth on, as in production
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        secret = auth.secret_files["slurm"]
 
-    def hook(action: str) -> list[str]:  # Slurm appends the host list
-        return [sys.executable, "-c", HOOK, action, url]
+        def hook(action: str) -> list[str]:  # Slurm appends the host list
+            return hpcfleet_hook(action, url, auth_url=auth.url, client_secret_file=secret)
 
-    cluster = SlurmCluster(
-        2,
-        cpus_per_node=2,
-        power_saving=True,
-        resume_command=hook("resume"),
-        suspend_command=hook("suspend"),
-        suspend_timeout=2,
-    )
-    async with (
-        started(cluster),
-        autogrow_on(cluster, "slurm-decides", tmp_path) as run,
-        serving(run.autogrow, port),
-    ):
-        job = cluster.sbatch("sleep 1", nodes=1)
-        await eventually(
-            lambda: cluster.job_states().get(job) == "COMPLETED", within=45, what="the job to run"
+        cluster = SlurmCluster(
+            2,
+            cpus_per_node=2,
+            power_saving=True,
+            resume_command=hook("resume"),
+            suspend_command=hook("suspend"),
+            suspend_timeout=2,
         )
-        await eventually(
-            lambda: cluster.node_states()["node001"] == ("idle", ("CLOUD", "POWERED_DOWN")),
-            within=20,
-            what="Slurm to count node001 powered down",
-        )
-        history = await run.decisions()
+        async with (
+            started(cluster),
+            autogrow_on(cluster, "slurm-decides", tmp_path) as run,
+            serving(run.autogrow, port, auth.guard()),
+        ):
+            job = cluster.sbatch("sleep 1", nodes=1)
+            await eventually(
+                lambda: cluster.job_states().get(job) == "COMPLETED",
+                within=45,
+                what="the job to run",
+            )
+            await eventually(
+                lambda: cluster.node_states()["node001"] == ("idle", ("CLOUD", "POWERED_DOWN")),
+                within=20,
+                what="Slurm to count node001 powered down",
+            )
+            history = await run.decisions()
 
     assert kinds(history) == [
         ("slurm-resume", "power_on", "node001"),

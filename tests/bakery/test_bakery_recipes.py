@@ -136,6 +136,23 @@ def test_the_bundled_examples_load() -> None:
     assert windows is not None and "$ErrorActionPreference = 'Stop'" in windows.render()
 
 
+def test_the_example_nodes_take_no_jobs_on_their_provisioning_boot() -> None:
+    """Found by the chaos run (seed 15): the first boot started slurmd, so Slurm put a job on a
+    node the pool was provisioning, and the pool's stop at the end of that boot killed the job.
+    slurmd now waits for the mark the first-boot script leaves, i.e. for the next boot."""
+    recipes = load_recipes(EXAMPLE_RECIPES)
+    for name in ("linux", "sles"):
+        recipe = recipes.recipes[name]
+        assert recipe.first_boot is not None
+        first_boot = recipe.first_boot.render()
+        commands = [line for line in first_boot.splitlines() if not line.startswith("#")]
+        assert not [line for line in commands if "slurmd" in line]
+        assert "touch /var/lib/hpcfleet/provisioned" in first_boot
+        steps = "".join(step.script.read_text() for step in recipe.steps)
+        assert "ConditionPathExists=/var/lib/hpcfleet/provisioned" in steps
+        assert "systemctl enable munge slurmd" in steps
+
+
 @pytest.mark.parametrize(
     ("template", "rendered"),
     [

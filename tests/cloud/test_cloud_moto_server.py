@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from typing import Any
 
 import aioboto3
@@ -62,6 +63,8 @@ async def test_random_faults_fail_some_calls(aws: AwsCloud, moto: MotoServer) ->
         except Throttled:
             outcomes.append(False)
     assert 0 < outcomes.count(False) < 20
+    (fault,) = moto.middleware.faults()
+    assert fault.hits == outcomes.count(False)  # what a chaos run reports it injected
 
 
 async def test_faults_reach_json_protocol_services(
@@ -134,3 +137,45 @@ async def test_runs_as_its_own_process() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_ec2_times_on_a_rehearsal_clock_and_a_start_restarts_launch_time() -> None:
+    """Found by the chaos run: moto kept an instance's first LaunchTime across stop and start (EC2
+    restarts it), and stamped real time while the services ran on an accelerated clock, so the
+    pool reported each later run as starting at the first launch, hours "ago", and autogrow billed
+    none of them. One hour a second here: a fifth of a second is twelve minutes."""
+    epoch = time.time()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.cloud.moto_server",
+        "--port",
+        "0",
+        "--clock-speed",
+        "3600",
+        "--clock-epoch",
+        repr(epoch),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        endpoint = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
+        session = aioboto3.Session(
+            aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+        )
+        async with session.client("ec2", endpoint_url=endpoint) as ec2:
+            launched = await ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)
+            instance_id = launched["Instances"][0]["InstanceId"]
+            first = launched["Instances"][0]["LaunchTime"].timestamp()
+            await asyncio.sleep(0.3)
+            await ec2.stop_instances(InstanceIds=[instance_id])
+            await asyncio.sleep(0.3)
+            await ec2.start_instances(InstanceIds=[instance_id])
+            described = await ec2.describe_instances(InstanceIds=[instance_id])
+            again = described["Reservations"][0]["Instances"][0]["LaunchTime"].timestamp()
+        scaled = epoch + (time.time() - epoch) * 3600
+        assert abs(again - scaled) < 0.3 * 3600  # on the rehearsal's clock, not the wall clock
+        assert again - first >= 0.5 * 3600  # the start restarted it: >= 0.6 s later, at x3600
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)

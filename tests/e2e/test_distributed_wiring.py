@@ -3,10 +3,6 @@ and PostgreSQL, with HTTP between the test and the APIs."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,35 +18,10 @@ from services.pool.tables import images
 from shared.clock import SystemClock
 from shared.events import ImageReady
 from shared.outbox import Mailbox
+from shared.testing.processes import Processes, clean_environment
 from shared.tokens import TokenIssuer, generate_signing_key, public_key_pem
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
-
-
-class Processes:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, *args], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.running.append(process)
-        return process
-
-    def stop_all(self) -> list[int]:
-        for process in self.running:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        codes = []
-        for process in self.running:
-            try:
-                codes.append(process.wait(timeout=20))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                codes.append(process.wait())
-        return codes
 
 
 @pytest.fixture
@@ -67,6 +38,7 @@ def operator_token(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.fixture
 async def distributed(
+    tmp_path: Path,
     pg_engine: AsyncEngine,
     postgres_url: str,
     rabbitmq_url: str,
@@ -75,39 +47,34 @@ async def distributed(
 ) -> AsyncIterator[tuple[Processes, httpx.AsyncClient]]:
     port = free_port()
     keys, token = operator_token
-    env = {
-        **os.environ,
-        "HPCFLEET_DATABASE_URL": postgres_url,
-        "HPCFLEET_BUS_URL": rabbitmq_url,
-        "HPCFLEET_EXCHANGE": exchange_name,
-        "HPCFLEET_RELAY_INTERVAL": "0.2",
-        "HPCFLEET_API_PORT": str(port),
-        "HPCFLEET_TOKEN_PUBLIC_KEYS": str(keys),
-    }
-    processes = Processes(env)
-    processes.start("-m", "services.pool.worker")
-    processes.start("-m", "services.bakery.worker")
-    processes.start("-m", "services.cli", "serve", "bakery")
+    env = clean_environment(
+        {
+            "HPCFLEET_DATABASE_URL": postgres_url,
+            "HPCFLEET_BUS_URL": rabbitmq_url,
+            "HPCFLEET_EXCHANGE": exchange_name,
+            "HPCFLEET_RELAY_INTERVAL": "0.2",
+            "HPCFLEET_TOKEN_PUBLIC_KEYS": str(keys),
+        }
+    )
+    processes = Processes(env, tmp_path / "logs")
+    processes.worker("pool")
+    processes.worker("bakery")
+    processes.api("bakery", port)
+    url = f"http://127.0.0.1:{port}"
     headers = {"authorization": f"Bearer {token}"}
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers=headers
-        ) as client:
+        await processes.wait_healthy(url, name="bakery-api", timeout=60)
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
 
             async def ready() -> bool:
-                try:
-                    return (await client.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
+                return (await client.get("/readyz")).status_code == 200
 
             await wait_until(ready, timeout=30, what="bakery API ready")
             yield processes, client
     finally:
         codes = processes.stop_all()
         await delete_rabbit_namespace(rabbitmq_url, exchange_name, ["pool", "bakery"])
-    assert codes == [0, 0, 0], [
-        p.stderr.read().decode()[-2000:] for p in processes.running if p.stderr
-    ]
+    assert set(codes.values()) == {0}, f"{codes}\n{processes.report()}"
 
 
 async def test_api_outbox_bus_worker_and_effect_in_postgres(

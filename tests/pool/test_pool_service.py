@@ -3,6 +3,7 @@ comes up warm, rolls onto a new image within its budgets, and never interrupts a
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from pool_service_kit import Harness, harness, pool_instances, pool_spec
@@ -119,6 +120,36 @@ async def test_a_busy_node_is_never_stopped_and_is_replaced_once_powered_off(
         assert busy.instance_id not in h.instance_ids_called("stop_instances", mark)
         await h.run(10, lambda: h.warm("ami-2"))
         assert len(pool_instances(h.cloud)) == 4
+
+
+async def test_one_power_off_that_terminates_one_node_and_stops_another(tmp_path: Path) -> None:
+    """Found by the chaos run (seed 2): the rows' updates differed in their columns (a termination
+    also sets `retiring`), so the one statement failed and every such command failed once."""
+    async with harness(tmp_path, spec=pool_spec(size=2, max_surge_percent=50)) as h:
+        await h.image_ready("ami-1")
+        await h.run(12, lambda: h.warm("ami-1"))
+        first, second = await h.rows()
+        await h.power(PowerOn, first.node_id, second.node_id)
+        await h.run(4, lambda: _state(h, second.node_id, NodeState.RUNNING))
+        await h.queue(busy=[first.scheduler_node_name, second.scheduler_node_name])
+        await h.image_ready("ami-2")
+        await h.run(12, lambda: _fresh_stopped(h))  # the surge node, while both old ones run
+        await h.queue(idle=[first.scheduler_node_name, second.scheduler_node_name])
+
+        command = PowerOff(
+            occurred_at=h.clock.now(),
+            node_ids=(first.node_id, second.node_id),
+            reason="idle",
+            decision_id=uuid.uuid4(),
+        )
+        await h.pool.desk.handle(command)  # raised before the fix
+
+        rows = {r.node_id: r for r in await h.rows()}
+        assert rows[first.node_id].state == NodeState.SHUTTING_DOWN.value  # within the budget
+        assert rows[first.node_id].retiring == RetireReason.OUTDATED.value
+        assert rows[second.node_id].state == NodeState.STOPPING.value  # the budget is spent
+        assert h.instance_ids_called("terminate_instances") == [first.instance_id]
+        assert second.instance_id in h.instance_ids_called("stop_instances")
 
 
 async def test_power_on_and_off_report_when_billing_starts_and_ends(tmp_path: Path) -> None:

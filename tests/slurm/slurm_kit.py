@@ -1,6 +1,7 @@
 """Shared pieces of the Slurm tests (a plain module: conftest.py is not importable by name when
-several test directories have one): recorded samples, a stand-in for autogrow's hook endpoints,
-and starting a real test cluster so that a missing Slurm fails the test instead of skipping it."""
+several test directories have one): recorded samples, autogrow's hook endpoints on a stand-in
+decider (with API auth on), and starting a real test cluster so that a missing Slurm fails the
+test instead of skipping it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ import inspect
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from services.autogrow.decisions import HookOutcome, UnknownNodes
+from services.autogrow.policy_store import PoolPolicy
+from services.autogrow.service import make_router
+from services.autogrow.settings import AutogrowSettings
+from shared.api import create_app
+from shared.clock import SystemClock
+from shared.store import create_engine
+from shared.testing.auth_service import AuthService, serve_app
 from shared.testing.slurm_cluster import SlurmCluster, SlurmNotInstalled
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -59,47 +68,51 @@ def running(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
         cluster.stop()
 
 
-@dataclass
 class HookServer:
-    """Stands in for autogrow's ``POST /autogrow/hooks/{resume,suspend}``: records each call,
-    answers `status`, and hands the nodes to `on_call` in a thread of its own (as autogrow acts
-    after answering), so a test can boot the nodes Slurm asked for."""
+    """autogrow's real hook routes (``POST /autogrow/hooks/{resume,suspend}``) behind its real
+    token check, as in production (auth on), on a stand-in decider: it records each call, answers
+    404 for the names in `unknown`, and hands the nodes to `on_call` in a thread of its own (as
+    autogrow acts after answering), so a test can boot the nodes Slurm asked for. The rest of
+    autogrow's routes are there too, for tests of what a hook's token may not do."""
 
-    status: int = 200
-    on_call: Callable[[str, list[str]], None] | None = None
-    calls: list[tuple[str, list[str]]] = field(default_factory=list)
+    def __init__(self, auth: AuthService) -> None:
+        self.auth = auth
+        self.unknown: set[str] = set()
+        self.on_call: Callable[[str, list[str]], None] | None = None
+        self.calls: list[tuple[str, list[str]]] = []
+        engine = create_engine("sqlite+aiosqlite://")  # the hook routes never use it
+        settings = AutogrowSettings(scheduler="simulated")
+        router = make_router(engine, _RecordingDecider(self), settings)  # type: ignore[arg-type]
+        app = create_app(title="autogrow", routers=[router], guard=auth.guard())
+        self._serving = serve_app(app)
+        self.url = self._serving.__enter__()
 
-    def __post_init__(self) -> None:
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                hooks.calls.append((self.path, body["nodes"]))
-                self.send_response(hooks.status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"detail": "test answer"}')
-                if hooks.on_call is not None:
-                    action = self.path.rsplit("/", 1)[-1]
-                    threading.Thread(target=hooks.on_call, args=(action, body["nodes"])).start()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def record(self, action: str, names: Sequence[str]) -> HookOutcome:
+        unknown = [n for n in names if n in self.unknown]
+        if unknown:
+            raise UnknownNodes(unknown)
+        self.calls.append((f"/autogrow/hooks/{action}", list(names)))
+        if self.on_call is not None:
+            threading.Thread(target=self.on_call, args=(action, list(names))).start()
+        return HookOutcome(uuid.uuid4(), acted=list(names), unchanged=[])
 
     def nodes_for(self, action: str) -> list[str]:
         return [n for path, nodes in self.calls if path.endswith(f"/{action}") for n in nodes]
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._serving.__exit__(None, None, None)
+
+
+class _RecordingDecider:
+    """What autogrow's router needs of its decider, for the hooks only."""
+
+    def __init__(self, server: HookServer) -> None:
+        self.server = server
+        self.mailbox = SimpleNamespace(clock=SystemClock())
+        self.default = PoolPolicy()
+
+    async def resume_hook(self, names: Sequence[str]) -> HookOutcome:
+        return self.server.record("resume", names)
+
+    async def suspend_hook(self, names: Sequence[str]) -> HookOutcome:
+        return self.server.record("suspend", names)

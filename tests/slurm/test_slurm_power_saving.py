@@ -1,10 +1,10 @@
 """The mode where Slurm decides: CLOUD nodes with power saving, whose ResumeProgram and
-SuspendProgram run `hook_main`, which posts to a stand-in autogrow that boots or stops the
-emulated nodes, as the real one will through the pool."""
+SuspendProgram run the hook as production's wrapper script does (a token from a real auth as the
+`slurm` client), which posts to autogrow's hook routes on a stand-in decider that boots or stops
+the emulated nodes, as the real one will through the pool."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 
@@ -13,20 +13,18 @@ from slurm_kit import HookServer, eventually, running
 
 from services.autogrow.slurm import SlurmScheduler
 from shared.scheduler import NodeActivity
-from shared.testing.slurm_cluster import SlurmCluster
+from shared.testing.slurm_cluster import SlurmCluster, hpcfleet_hook
 
 pytestmark = pytest.mark.slow
-
-HOOK = (
-    "import sys; from services.autogrow.slurm_hooks import hook_main; "
-    "sys.exit(hook_main(sys.argv[1], sys.argv[3], sys.argv[2]))"
-)
 
 
 @pytest.fixture(scope="module")
 def cluster(hook_server: HookServer) -> Iterator[SlurmCluster]:
-    def hook(action: str) -> list[str]:  # Slurm appends the host list
-        return [sys.executable, "-c", HOOK, action, hook_server.url]
+    def hook(action: str) -> list[str]:
+        secret = hook_server.auth.secret_files["slurm"]
+        return hpcfleet_hook(
+            action, hook_server.url, auth_url=hook_server.auth.url, client_secret_file=secret
+        )
 
     cluster = SlurmCluster(
         4,

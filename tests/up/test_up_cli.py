@@ -58,6 +58,11 @@ def test_speed_zero(tmp_path: Path) -> None:
     assert "--speed must be more than 0" in line
 
 
+def test_a_host_it_cannot_sign_in_to_over_loopback(tmp_path: Path) -> None:
+    line = one_line_error(run_up("--host", "192.0.2.10", "--port", str(free_port()), cwd=tmp_path))
+    assert "--host 192.0.2.10" in line and "0.0.0.0" in line
+
+
 def test_a_postgres_that_does_not_answer(tmp_path: Path) -> None:
     url = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
     line = one_line_error(run_up("--postgres", url, "--port", str(free_port()), cwd=tmp_path))
@@ -172,6 +177,12 @@ def test_up_bakes_fills_and_powers_nodes_then_stops_cleanly(tmp_path: Path) -> N
             a["action"] in ("power_on", "resume") for d in decisions for a in d["actions"]
         ), decisions
         assert (tmp_path / ".hpcfleet" / "hpcfleet.db").exists()
+        # The status page's token came from signing in to the development AD FS as the operator
+        # (`hpcfleet login`'s code), read-only; pool's image and powered nodes show that pool
+        # and bakery got AWS credentials from auth (they have no other).
+        whoami = get(f"{base}/auth/whoami", token)
+        assert (whoami["subject"], whoami["role"]) == ("EXAMPLE\\operator", "operator")
+        assert whoami["scopes"] == ["audit:read", "autogrow:read", "bakery:read", "pool:read"]
         check_status_page_in_a_browser(f"{base}/")
         check_operator_commands(base, token, tmp_path)
     finally:

@@ -3,4 +3,6 @@
 set -euo pipefail
 command -v slurmd
 systemctl is-enabled slurmd munge
+# slurmd waits for the provisioning boot to end (see steps/slurm-node.sh)
+grep -q /var/lib/hpcfleet/provisioned /etc/systemd/system/slurmd.service.d/hpcfleet-provisioned.conf
 grep -q "${HPCFLEET_RECIPE}" /etc/hpcfleet-image
