@@ -545,6 +545,12 @@ def _loggable_user(username: str | None) -> str:
     return "(a malformed user name)"
 
 
+def _printable(text: str | None, limit: int = 128) -> str:
+    """A caller's text for a log line: control characters escaped, so that a form field cannot
+    start a forged log line with a newline; cut at `limit`."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit])
+
+
 def _basic_auth(request: Request) -> tuple[str | None, str | None]:
     """Client id and secret from `Authorization: Basic`, RFC 6749's preferred form."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
@@ -653,7 +659,12 @@ def make_router(context: AuthContext) -> APIRouter:
                 )
         except OAuthError as exc:
             who = _loggable_user(username) if grant_type == "password" else client_id or "-"
-            log.warning("token refused (%s grant) for %s: %s", grant_type, who, exc.description)
+            log.warning(
+                "token refused (%s grant) for %s: %s",
+                _printable(grant_type),
+                _printable(who),
+                exc.description,
+            )
             return exc.response()
         return JSONResponse(
             result.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -46,7 +46,11 @@ def make_router(
     @router.get(
         "/console/token",
         summary="A read-only token for the status page, for callers on this machine only.",
-        responses={403: {"description": "Not a loopback caller."}, 404: {"description": "Off."}},
+        responses={
+            403: {"description": "Not a loopback caller."},
+            404: {"description": "Off."},
+            503: {"description": "Signing in failed; the reason is given."},
+        },
     )
     async def viewer_token(request: Request) -> ViewerToken:
         if issuer is None and token_source is None:
@@ -54,7 +58,12 @@ def make_router(
         if request.client is None or request.client.host not in LOOPBACK:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "only callers on this machine")
         if token_source is not None:
-            token = await token_source()
+            try:
+                token = await token_source()
+            except Exception as exc:  # the sign-in failed: say why, as a 503 the page retries
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE, f"could not sign in: {exc}"
+                ) from None
         else:
             assert issuer is not None
             token = issuer.issue("status-page", "viewer", VIEWER_SCOPES, clock.now())

@@ -392,9 +392,9 @@ class RabbitBus:
         """Run the handler in a task of our own: aio-pika cancels its delivery tasks when the
         channel drops, and a handler should finish (its redelivery is deduplicated) rather than
         stop halfway."""
+        consumer.acks.delivered(message)  # first: a `multiple` ack must never cover it
         if self._stopping:
             return  # left unacknowledged: the broker hands it out again after we close
-        consumer.acks.delivered(message)
         task = asyncio.create_task(self._handle(consumer, message))
         consumer.in_flight.add(task)
         task.add_done_callback(consumer.in_flight.discard)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import statistics
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
@@ -43,6 +45,7 @@ from distributed_kit import Deployment, Plan, deployed
 
 import services.registry  # noqa: F401  (every table joins the metadata)
 from deploy.migrations import upgrade
+from services.autogrow.tables import MAILBOX
 from shared.cloud.moto_server import MotoServer
 from shared.store import create_engine
 from shared.testing.slurm_cluster import SlurmCluster
@@ -131,9 +134,13 @@ def new_resume(cluster: SlurmCluster, seen: int) -> Callable[[], Any]:
     return check
 
 
+Sample = tuple[float, float]
+"""(when the path began, when StartInstances arrived), epoch seconds."""
+
+
 async def polling_path(
     deployment: Deployment, cluster: SlurmCluster, moto: MotoServer, jobs: int, poll: float
-) -> list[float]:
+) -> list[Sample]:
     """sbatch -> StartInstances, with autogrow polling Slurm."""
     latencies = []
     for i in range(WARM_UP + jobs):
@@ -146,13 +153,13 @@ async def polling_path(
         )
         assert len(start.values("InstanceId")) == 1, start
         if i >= WARM_UP:
-            latencies.append(start.at - submitted)
+            latencies.append((submitted, start.at))
     return latencies
 
 
 async def hook_path(
     deployment: Deployment, cluster: SlurmCluster, moto: MotoServer, jobs: int
-) -> list[float]:
+) -> list[Sample]:
     """Slurm's ResumeProgram starting -> StartInstances, with Slurm deciding."""
     latencies = []
     for i in range(WARM_UP + jobs):
@@ -166,11 +173,11 @@ async def hook_path(
         )
         start = await until(new_start(moto, seen), within=20, what="StartInstances", every=0.005)
         if i >= WARM_UP:
-            latencies.append(start.at - call.at)
+            latencies.append((call.at, start.at))
     return latencies
 
 
-async def route_path(deployment: Deployment, moto: MotoServer, jobs: int) -> list[float]:
+async def route_path(deployment: Deployment, moto: MotoServer, jobs: int) -> list[Sample]:
     """POST /autogrow/hooks/resume with a token this script got -> StartInstances."""
     token = await deployment.sign_in()
     async with deployment.client("autogrow", token) as autogrow:
@@ -187,16 +194,42 @@ async def route_path(deployment: Deployment, moto: MotoServer, jobs: int) -> lis
                 new_start(moto, seen), within=20, what="StartInstances", every=0.005
             )
             if i >= WARM_UP:
-                latencies.append(start.at - called)
+                latencies.append((called, start.at))
     return latencies
 
 
-async def measure(path: str, jobs: int, poll: float, workdir: Path) -> tuple[list[float], dict]:
+async def breakdown(url: str, samples: list[Sample]) -> list[tuple[float, float, float]]:
+    """Each sample split at autogrow's PowerOn: (path start -> PowerOn committed to autogrow's
+    outbox, -> published to RabbitMQ by the relay, -> StartInstances at EC2), seconds."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(MAILBOX.outbox.c.created_at, MAILBOX.outbox.c.published_at)
+                    .where(MAILBOX.outbox.c.name == "PowerOn")
+                    .order_by(MAILBOX.outbox.c.id)
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    rows = rows[len(rows) - len(samples) :]  # the measured ones come last, one per sample
+    return [
+        (
+            row.created_at.timestamp() - began,
+            row.published_at.timestamp() - row.created_at.timestamp(),
+            started - row.published_at.timestamp(),
+        )
+        for (began, started), row in zip(samples, rows, strict=True)
+    ]
+
+
+async def measure(
+    path: str, jobs: int, poll: float, pool_interval: float, workdir: Path
+) -> tuple[list[Sample], list[tuple[float, float, float]], dict[str, float]]:
     size = jobs + WARM_UP
     hooked = path == "hook"
     plan = Plan.make(workdir)
-    if hooked and "slurm" not in plan.directory.client_secrets:
-        raise SystemExit("auth has no `slurm` client yet: run with --paths polling,route")
     cluster = SlurmCluster(
         size,
         cpus_per_node=CPUS,
@@ -213,6 +246,8 @@ async def measure(path: str, jobs: int, poll: float, workdir: Path) -> tuple[lis
         "HPCFLEET_AUTOGROW_POLICY__BOOT_TIMEOUT_SECONDS": "3600",
         "HPCFLEET_AUTOGROW_COMMAND_TIMEOUT_SECONDS": "600",
         "HPCFLEET_LOG_LEVEL": "WARNING",
+        # production's period: a pass holds the pool's lock, which a PowerOn waits for
+        "HPCFLEET_POOL_RECONCILE_INTERVAL": str(pool_interval),
     }
     with MotoServer(record=("StartInstances",)) as moto, cluster:
         moto.reset()
@@ -235,12 +270,13 @@ async def measure(path: str, jobs: int, poll: float, workdir: Path) -> tuple[lis
             await autogrow_reads_the_queue(deployment)
             setup = dict(deployment.timings, **{"pool filled": time.monotonic() - began})
             if path == "polling":
-                latencies = await polling_path(deployment, cluster, moto, jobs, poll)
+                samples = await polling_path(deployment, cluster, moto, jobs, poll)
             elif path == "hook":
-                latencies = await hook_path(deployment, cluster, moto, jobs)
+                samples = await hook_path(deployment, cluster, moto, jobs)
             else:
-                latencies = await route_path(deployment, moto, jobs)
-    return latencies, setup
+                samples = await route_path(deployment, moto, jobs)
+            stages = await breakdown(url, samples)
+    return samples, stages, setup
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -253,25 +289,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=50, help="measured jobs per path")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="autogrow's, seconds")
+    parser.add_argument(
+        "--pool-interval", type=float, default=30.0, help="pool's reconcile period, seconds"
+    )
     parser.add_argument("--paths", default="polling,hook", help="polling, hook, route")
     args = parser.parse_args()
     rows = []
     for path in args.paths.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-{path}-") as folder:
-            latencies, setup = asyncio.run(
-                measure(path, args.jobs, args.poll_interval, Path(folder))
+            samples, stages, setup = asyncio.run(
+                measure(path, args.jobs, args.poll_interval, args.pool_interval, Path(folder))
             )
-        ms = [1000 * v for v in latencies]
+        ms = [1000 * (started - began) for began, started in samples]
         target = 250 + (1000 * args.poll_interval if path == "polling" else 0)
         p99 = percentile(ms, 0.99)
         rows.append((path, len(ms), statistics.median(ms), p99, min(ms), max(ms), target))
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
         print(
             f"{path}: setup "
             + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items())
-            + f"; latencies (ms): {', '.join(f'{v:.0f}' for v in ms)}",
-            flush=True,
+            + f"; load average after {load} (2 cores)"
         )
-    print(f"\nautogrow poll interval {args.poll_interval} s")
+        print(f"  latencies (ms): {', '.join(f'{v:.0f}' for v in ms)}")
+        for name, index in (("-> PowerOn in outbox", 0), ("-> published", 1), ("-> EC2", 2)):
+            part = [1000 * stage[index] for stage in stages]
+            print(
+                f"  {name:22} median {statistics.median(part):6.0f} ms, "
+                f"p99 {percentile(part, 0.99):6.0f} ms"
+            )
+    print(
+        f"\nautogrow poll interval {args.poll_interval} s, pool reconcile interval "
+        f"{args.pool_interval} s"
+    )
     print(f"{'path':8} {'N':>4} {'median ms':>10} {'p99 ms':>8} {'min':>6} {'max':>6} target")
     for path, n, median, p99, low, high, target in rows:
         verdict = "met" if p99 < target else "MISSED"

@@ -153,3 +153,35 @@ async def test_a_connection_lost_after_the_commit_before_the_acks_has_no_second_
     assert (await connection_pids(name))[name] != before[name]
     await eventually(lambda: not bus._consumers[consumer].acks.unsettled)
     assert await rabbit_kit.queue_state(consumer) == (0, 1)
+
+
+class FakeDelivery:
+    """What `_Acks` uses of an aio-pika delivery: its channel, its tag and `ack`."""
+
+    def __init__(self, channel: object, tag: int, sent: list[tuple[int, bool]]) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+        self.sent = sent
+
+    async def ack(self, multiple: bool = False) -> None:
+        await asyncio.sleep(0)  # the frame's write
+        self.sent.append((self.delivery_tag, multiple))
+
+
+async def test_acks_are_coalesced_but_never_cover_an_unsettled_delivery() -> None:
+    from shared.bus.rabbit import _Acks
+
+    acks, channel, sent = _Acks(), object(), []
+    deliveries = [FakeDelivery(channel, tag, sent) for tag in range(1, 9)]
+    for delivery in deliveries:
+        acks.delivered(delivery)
+    # 3 is still in its handler, 6 and 7 are being nacked; 8 arrived while stopping
+    ready = [deliveries[n] for n in (0, 1, 3, 4)]
+    await asyncio.gather(*(acks.ack(d) for d in ready))
+    assert sent == [(2, True), (4, False), (5, False)]
+    sent.clear()
+    acks.forget(deliveries[5])
+    acks.forget(deliveries[6])
+    await acks.ack(deliveries[2])
+    assert sent == [(3, False)]
+    assert acks.unsettled == {channel: {8}}

@@ -1,7 +1,7 @@
 """The chaos run: the distributed system under kills, restarts, AWS faults and bad input, with its
 invariants checked at the end.
 
-    python tests/chaos/chaos.py --seed 7 --minutes 10      # make chaos
+    python tests/chaos/chaos.py --seed 7 --minutes 10      # make chaos (or python -m tests.chaos.chaos)
     python tests/chaos/chaos.py --seed 15 --minutes 1.5 --kills 5 --nodes 8 --max-jobs 200  # CI
 
 What runs: its own PostgreSQL, RabbitMQ and moto server (`shared.testing.instances`), every
@@ -48,7 +48,6 @@ import boto3
 import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
-from slurm_standin import NODE_TAG, POOL_TAG, SlurmStandIn
 
 from services.auth.devidp import DevIdp, DevIdpConfig, DevUser, SigningKeyPair, role_value
 from services.autogrow.swf import SwfJob, bundled_trace, open_swf
@@ -59,6 +58,11 @@ from shared.process import ClockSettings, process_clock
 from shared.testing.fleet import CONSUMERS, Fleet, FleetConfig
 from shared.testing.instances import OwnMoto, OwnPostgres, OwnRabbitMQ
 from shared.tokens import TokenIssuer, generate_signing_key, public_key_pem
+
+try:  # python tests/chaos/chaos.py, and pytest, see this folder's modules at the top level
+    from slurm_standin import NODE_TAG, POOL_TAG, SlurmStandIn
+except ModuleNotFoundError:  # python -m tests.chaos.chaos
+    from tests.chaos.slurm_standin import NODE_TAG, POOL_TAG, SlurmStandIn
 
 TRACE = "SDSC-SP2-1998-4.2-cln.first-2000-jobs.swf.gz"
 ACCOUNT = "123456789012"
@@ -1017,7 +1021,6 @@ class ChaosRun:
     # ---- the whole run ---------------------------------------------------------------------------
 
     async def run(self) -> Report:
-        began = time.monotonic()
         try:
             await self.start_servers()
             self.note("PostgreSQL, RabbitMQ and moto up")
@@ -1037,7 +1040,6 @@ class ChaosRun:
             self.note("invariants checked")
         finally:
             await self.teardown()
-            self.report.total_seconds = time.monotonic() - began
         return self.report
 
     async def teardown(self) -> None:
@@ -1081,6 +1083,7 @@ class ChaosRun:
                 await asyncio.to_thread(
                     server.stop if isinstance(server, OwnMoto) else server.close
                 )
+        self.report.total_seconds = time.monotonic() - self.started
         (self.workdir / "report.json").write_text(json.dumps(report_json(self.report), indent=1))
 
 
@@ -1433,25 +1436,23 @@ class Checker:
                 )
         # and every stretch EC2 really ran (as the stand-in saw it) is billed
         now = self.run.clock.now().timestamp()
-        slack = self.run.options.speed * 1.0  # the stand-in looks every 0.2 s of real time
+        slack = self.run.options.speed * 1.0  # EC2 stamps stops to the second, at x speed
         by_node: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
         for (node_id, started), ended in billed.items():
             end = ended.timestamp() if ended is not None else now
             by_node[node_id].append((started.timestamp(), end))
         unbilled = boots = ran = 0.0
         unbilled_nodes: set[str] = set()
-        first_stretch: set[str] = set()
         for stretch in standin.stretches:
-            # surely running from its first to its last sighting (when it stopped after that
-            # depends on how soon the stand-in looked again)
+            # surely running from its launch time to its last sighting (when it stopped after
+            # that depends on how soon the stand-in looked again)
             seen = stretch.last_seen - stretch.start
             ran += seen
-            covered = overlap((stretch.start, stretch.last_seen), by_node[stretch.node_id])
-            first = stretch.instance_id not in first_stretch
-            first_stretch.add(stretch.instance_id)
-            if first and covered == 0:
+            if stretch.boot == 1:
                 boots += seen  # launched and booted before the pool provisioned it (see below)
-            elif seen - covered > slack:
+                continue
+            covered = overlap((stretch.start, stretch.last_seen), by_node[stretch.node_id])
+            if seen - covered > slack:
                 unbilled += seen - covered
                 unbilled_nodes.add(stretch.node)
         if unbilled:

@@ -141,10 +141,10 @@ class SlurmStandIn:
         self.stats = StandInStats()
         self.stretches: list[Stretch] = []  # EC2 running stretches as seen, every instance
         self._open: dict[str, Stretch] = {}  # instance id -> its open stretch
-        self._running_since: dict[str, datetime] = {}  # node name -> clock time first seen running
+        self._serving: dict[str, tuple[Stretch, datetime]] = {}  # slurmd runs: since when
         self._names: dict[str, str] = {}  # pool node id -> scheduler node name
         self._boots: dict[str, int] = {}  # instance id -> boots seen
-        self._up: set[str] = set()
+        self._up: dict[str, Stretch] = {}  # registered nodes, and the run they registered in
         self._drained: set[str] = set()
         self._server: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -272,59 +272,65 @@ class SlurmStandIn:
         self._names.update({row["node_id"]: row["scheduler_node_name"] for row in rows})
 
     async def _follow(self, ec2: Any) -> None:
-        """One look at EC2: every instance of the pool, its state, and so which nodes are up."""
+        """One look at EC2: every instance of the pool, its state, and so which nodes are up.
+
+        A run is told apart from the next by EC2's LaunchTime, which every start restarts: a stop
+        and a start between two looks are a reboot, not one long run."""
         pages = ec2.get_paginator("describe_instances").paginate(
             Filters=[{"Name": f"tag:{POOL_TAG}", "Values": [self.pool]}]
         )
-        running: dict[str, str] = {}  # node id -> instance id, running now
+        running: dict[str, tuple[str, float]] = {}  # node id -> (instance id, launch time)
         async for page in pages:
             for reservation in page["Reservations"]:
                 for item in reservation["Instances"]:
                     tags = {t["Key"]: t["Value"] for t in item.get("Tags", [])}
                     node_id = tags.get(NODE_TAG)
                     if node_id and item["State"]["Name"] == "running":
-                        running[node_id] = item["InstanceId"]
+                        running[node_id] = (item["InstanceId"], item["LaunchTime"].timestamp())
         seen_at = self.clock.now().timestamp()  # after the answer: what it says held by then
         missing = set(running) - set(self._names)
         if missing:
             await self._refresh_names(missing)
         self.stats.follow_passes += 1
-        running_names: dict[str, str] = {}  # node name -> instance id
-        node_ids: dict[str, str] = {}  # instance id -> pool node id
-        for node_id, instance_id in running.items():
+        runs: dict[str, tuple[str, str, float]] = {}  # name -> (node id, instance id, launched)
+        for node_id, (instance_id, launched) in running.items():
             name = self._names.get(node_id)
             if name is not None:
-                running_names[name] = instance_id
-                node_ids[instance_id] = node_id
+                runs[name] = (node_id, instance_id, launched)
         for instance_id, stretch in list(self._open.items()):
-            if running_names.get(stretch.node) != instance_id:
-                stretch.end = seen_at
+            run = runs.get(stretch.node)
+            if run is None or run[1] != instance_id:
+                stretch.end = seen_at  # stopped (or gone) since the last look
                 del self._open[instance_id]
-        for name, instance_id in running_names.items():
+            elif run[2] > stretch.start + 1:
+                stretch.end = run[2]  # stopped and started again since the last look
+                del self._open[instance_id]
+        for name, (node_id, instance_id, launched) in runs.items():
             if instance_id not in self._open:
                 self._boots[instance_id] = self._boots.get(instance_id, 0) + 1
-                stretch = Stretch(name, node_ids[instance_id], instance_id, seen_at, seen_at)
+                stretch = Stretch(name, node_id, instance_id, min(launched, seen_at), seen_at)
                 stretch.boot = self._boots[instance_id]
                 self._open[instance_id] = stretch
                 self.stretches.append(stretch)
             self._open[instance_id].last_seen = seen_at
         now = self.clock.now()
-        serving = {  # slurmd starts from the second boot on
-            name for name, instance_id in running_names.items() if self._boots[instance_id] > 1
-        }
-        for name in list(self._running_since):
-            if name not in serving:
-                del self._running_since[name]
-        for name in serving:
-            self._running_since.setdefault(name, now)
-        for name in sorted(set(self._up) | set(running_names)):
-            booted = name in self._running_since and self._running_since[name] + self.boot <= now
-            if booted and name not in self._up:
+        for name in list(self._serving):  # slurmd runs from the second boot on (see the doc)
+            run = runs.get(name)
+            if run is None or self._open.get(run[1]) is not self._serving[name][0]:
+                del self._serving[name]
+        for name, (_node_id, instance_id, _launched) in runs.items():
+            stretch = self._open[instance_id]
+            if stretch.boot > 1:
+                self._serving.setdefault(name, (stretch, now))
+        for name in sorted(set(self._up) | set(self._serving)):
+            serving = self._serving.get(name)
+            wanted = serving[0] if serving and serving[1] + self.boot <= now else None
+            if name in self._up and self._up[name] is not wanted:
+                self.scheduler.node_down(name)  # powered off, or rebooted: its job dies
+                del self._up[name]
+            if wanted is not None and name not in self._up:
                 self.scheduler.node_up(name)
-                self._up.add(name)
-            elif not booted and name in self._up:
-                self.scheduler.node_down(name)
-                self._up.discard(name)
+                self._up[name] = wanted
 
     # ---- what the Slurm programs answer ----------------------------------------------------------
 

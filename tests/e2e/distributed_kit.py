@@ -30,7 +30,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tests_support import delete_rabbit_namespace, free_port
 
-from services.auth.api import CLIENT_SCOPES
 from services.auth.development import OPERATOR, DevDirectory, idp_server, served_url
 from services.auth.login import login, read_token
 from services.pool.spec import POOL_TAG
@@ -68,11 +67,10 @@ class Plan:
 
     @classmethod
     def make(cls, workdir: Path) -> Plan:
-        """Free ports, and a development directory; with a ``slurm`` client when auth knows that
-        client (Slurm's hooks get their token as it)."""
-        others = ("slurm",) if "slurm" in CLIENT_SCOPES else ()
+        """Free ports, and a development directory with a ``slurm`` client besides the
+        services' (Slurm's hooks get their token as it)."""
         directory = DevDirectory.create(
-            workdir / "identity", datetime.now(UTC), other_clients=others
+            workdir / "identity", datetime.now(UTC), other_clients=("slurm",)
         )
         urls = {service: f"http://127.0.0.1:{free_port()}" for service in SERVICES}
         return cls(urls, directory)
@@ -197,34 +195,35 @@ async def deployed(
     directory, urls = plan.directory, plan.urls
     ports = {service: int(url.rsplit(":", 1)[1]) for service, url in urls.items()}
     idp, idp_thread, adfs_url = _serve_idp(directory)
-    recipes = await asyncio.to_thread(rehearsal_recipes, workdir, moto.endpoint, REGION)
-    subnets = await asyncio.to_thread(default_subnets, moto.endpoint, REGION)
-    base = clean_environment(
-        {
-            "HPCFLEET_DATABASE_URL": database_url,
-            "HPCFLEET_BUS_URL": rabbitmq_url,
-            "HPCFLEET_EXCHANGE": exchange,
-            "HPCFLEET_RELAY_INTERVAL": "0.2",
-            "HPCFLEET_AWS_ENDPOINT_URL": moto.endpoint,
-            "HPCFLEET_AWS_REGION": REGION,
-            "HPCFLEET_LOG_LEVEL": "INFO",
-            **directory.auth_environment(adfs_url),
-            **directory.client_environment(urls["auth"]),
-            "HPCFLEET_POOL_DEFAULT_POOL": json.dumps(pool_spec(subnets, **(pool or {}))),
-            "HPCFLEET_POOL_RECONCILE_INTERVAL": "0.5",
-            "HPCFLEET_BAKERY_RECIPES": str(recipes),
-            "HPCFLEET_BAKERY_WORK_DIR": str(workdir / "bakery"),
-            "HPCFLEET_BAKERY_POLL_SECONDS": "0.2",
-            "HPCFLEET_BAKERY_BUILD_INTERVAL": "1",
-            "HPCFLEET_BAKERY_LEASE_SECONDS": "30",
-            **env,
-        }
-    )
-    processes = Processes(base, workdir / "logs")
-    deployment = Deployment(
-        workdir, processes, urls, directory, adfs_url, moto, rabbitmq_url, exchange
-    )
+    processes = Processes({}, workdir / "logs")
+    codes: dict[str, int] = {}
     try:
+        recipes = await asyncio.to_thread(rehearsal_recipes, workdir, moto.endpoint, REGION)
+        subnets = await asyncio.to_thread(default_subnets, moto.endpoint, REGION)
+        processes.env = clean_environment(
+            {
+                "HPCFLEET_DATABASE_URL": database_url,
+                "HPCFLEET_BUS_URL": rabbitmq_url,
+                "HPCFLEET_EXCHANGE": exchange,
+                "HPCFLEET_RELAY_INTERVAL": "0.2",
+                "HPCFLEET_AWS_ENDPOINT_URL": moto.endpoint,
+                "HPCFLEET_AWS_REGION": REGION,
+                "HPCFLEET_LOG_LEVEL": "INFO",
+                **directory.auth_environment(adfs_url),
+                **directory.client_environment(urls["auth"]),
+                "HPCFLEET_POOL_DEFAULT_POOL": json.dumps(pool_spec(subnets, **(pool or {}))),
+                "HPCFLEET_POOL_RECONCILE_INTERVAL": "0.5",
+                "HPCFLEET_BAKERY_RECIPES": str(recipes),
+                "HPCFLEET_BAKERY_WORK_DIR": str(workdir / "bakery"),
+                "HPCFLEET_BAKERY_POLL_SECONDS": "0.2",
+                "HPCFLEET_BAKERY_BUILD_INTERVAL": "1",
+                "HPCFLEET_BAKERY_LEASE_SECONDS": "30",
+                **env,
+            }
+        )
+        deployment = Deployment(
+            workdir, processes, urls, directory, adfs_url, moto, rabbitmq_url, exchange
+        )
         for service in SERVICES:
             processes.api(service, ports[service])
             processes.worker(service)

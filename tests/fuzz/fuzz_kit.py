@@ -1,8 +1,8 @@
 """Each service's API as the fuzz run drives it: the app `hpcfleet serve <service>` builds (the
-token guard, the readiness checks, the outbox relay), on a migrated SQLite file and the in-memory
-bus, with the fakes the service's own tests use (FakeCloud for pool, a simulated scheduler for
-autogrow, moto's SQS and SNS for audit, the development IdP for auth), seeded with some data so
-that the answers have something in them to check against their schemas.
+token guard, the readiness checks, the outbox relay), on a fresh PostgreSQL database and the
+in-memory bus, with the fakes the service's own tests use (FakeCloud for pool, a simulated
+scheduler for autogrow, moto's SQS and SNS for audit, the development IdP for auth), seeded with
+some data so that the answers have something in them to check against their schemas.
 
 The apps run inside schemathesis's ASGI client, on its one event-loop thread: everything that
 touches the database or the bus happens in the app's lifespan or its requests, on that loop.
@@ -11,6 +11,9 @@ The clock is a ManualClock, so a run is reproducible and a token never expires i
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import threading
 import time
 import uuid
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aioboto3
+import asyncpg
 import boto3
 import httpx
 import uvicorn
@@ -62,6 +66,7 @@ START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 REGION = "us-east-1"
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 NODES = [f"node{n:03d}" for n in range(1, 5)]
+PG_ADMIN_DSN = os.environ.get("HPCFLEET_TEST_PG_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 
 Seed = Callable[[FastAPI], Awaitable[None]]
 
@@ -131,10 +136,37 @@ def _service_app(
     )
 
 
-def _runtime(folder: Path, clock: ManualClock, **settings: object) -> Runtime:
-    folder.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite+aiosqlite:///{folder / 'hpcfleet.db'}")
-    return Runtime(Settings(**settings), engine, MemoryBus(), clock)
+def _runtime(database_url: str, clock: ManualClock, **settings: object) -> Runtime:
+    return Runtime(Settings(**settings), create_engine(database_url), MemoryBus(), clock)
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database (the app's lifespan migrates it); dropped afterwards.
+    PostgreSQL, not SQLite: it is the production store, and it refuses what SQLite takes (a NUL
+    character in text, for one)."""
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        raise AssertionError(
+            "PostgreSQL is not reachable on 127.0.0.1:5432; start it: pg_ctlcluster "
+            "--skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        ) from None
+    name = f"hpcfleet_fuzz_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_DSN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _signer(clock: ManualClock) -> tuple[TokenIssuer, ApiGuard]:
@@ -158,10 +190,10 @@ def _scoped(service: str) -> tuple[str, ...]:
 # ---- pool ---------------------------------------------------------------------------------------
 
 
-def pool_target(folder: Path) -> Target:
+def pool_target(folder: Path, database_url: str) -> Target:
     clock = ManualClock(START)
     issuer, guard = _signer(clock)
-    runtime = _runtime(folder, clock)
+    runtime = _runtime(database_url, clock)
     cloud = FakeCloud(clock=clock, region=REGION)
     settings = PoolSettings(retry_seconds=0.001, cloud_attempts=2, lock_wait_seconds=2)
     pool = assemble_pool(runtime, settings, cloud)
@@ -208,10 +240,10 @@ def pool_target(folder: Path) -> Target:
 # ---- bakery -------------------------------------------------------------------------------------
 
 
-def bakery_target(folder: Path) -> Target:
+def bakery_target(folder: Path, database_url: str) -> Target:
     clock = ManualClock(START)
     issuer, guard = _signer(clock)
-    runtime = _runtime(folder, clock)
+    runtime = _runtime(database_url, clock)
     recipes_file = Path(str(files("services.bakery").joinpath("examples/recipes.json")))
     settings = BakerySettings(recipes=recipes_file, work_dir=folder / "work")
     bakery = assemble_bakery(
@@ -251,10 +283,10 @@ def _job(job_id: int, submit: int, run_time: int, procs: int) -> SwfJob:
     )
 
 
-def autogrow_target(folder: Path) -> Target:
+def autogrow_target(folder: Path, database_url: str) -> Target:
     clock = ManualClock(START)
     issuer, guard = _signer(clock)
-    runtime = _runtime(folder, clock)
+    runtime = _runtime(database_url, clock)
     settings = AutogrowSettings(scheduler="simulated")
     jobs = [_job(n, submit=0, run_time=3600, procs=2) for n in range(1, 4)]
     simulated = SimulatedScheduler(
@@ -296,10 +328,10 @@ def autogrow_target(folder: Path) -> Target:
 # ---- audit --------------------------------------------------------------------------------------
 
 
-def audit_target(folder: Path, moto: MotoServer) -> Target:
+def audit_target(folder: Path, database_url: str, moto: MotoServer) -> Target:
     clock = ManualClock(START)
     issuer, guard = _signer(clock)
-    runtime = _runtime(folder, clock, aws_endpoint_url=moto.endpoint, aws_region=REGION)
+    runtime = _runtime(database_url, clock, aws_endpoint_url=moto.endpoint, aws_region=REGION)
     suffix = uuid.uuid4().hex[:8]
     sqs = boto3.client("sqs", endpoint_url=moto.endpoint, region_name=REGION, **KEYS)
     sns = boto3.client("sns", endpoint_url=moto.endpoint, region_name=REGION, **KEYS)
@@ -381,7 +413,7 @@ def serve(app: ASGIApp) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def auth_target(folder: Path) -> Target:
+def auth_target(folder: Path, database_url: str) -> Target:
     """auth in development with the development IdP as AD FS (plain http on loopback), one
     service client, no STS roles (the broker has nothing to keep fresh, so nothing answers 503)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -403,7 +435,7 @@ def auth_target(folder: Path) -> Target:
         adfs_issuer=ISSUER,
         clients={"pool": f"file:{secret}"},
     )
-    runtime = _runtime(folder, clock)
+    runtime = _runtime(database_url, clock)
     service, context = assemble_auth(runtime, settings)
     assert context.issuer is not None
     issuer = context.issuer

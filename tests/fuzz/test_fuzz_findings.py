@@ -11,6 +11,11 @@
    same `InvalidRequest` body as every 422.
 4. auth's token endpoint answered a form field over the form parser's 1 MB limit with a bare
    `{"detail"}` 400, not the OAuth2 error its document (and RFC 6749) promise.
+5. On PostgreSQL (the production store) a NUL character in a path, query or body string reached
+   the database, which refuses it: a 500 (`GET /pool/pools/%00`, `GET /bakery/builds?recipe=%00`,
+   a JSON body with a string holding one). Now every route refuses it at the edge with a 422.
+6. auth logged a refused grant's `grant_type` and `client_id` as sent: a newline in either
+   forged a log line. Now control characters are escaped.
 """
 
 from __future__ import annotations
@@ -18,20 +23,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
 import jsonschema
+import pytest
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deploy.migrations import upgrade
 from services.auth.api import SAML2_BEARER
 from services.auth.service import assemble as assemble_auth
 from services.auth.settings import AuthSettings
+from services.bakery.recipes import load_recipes
+from services.bakery.service import assemble as assemble_bakery
+from services.bakery.settings import BakerySettings
 from services.pool.service import assemble as assemble_pool
 from services.pool.settings import PoolSettings
-from shared.api import ApiGuard, InvalidRequest, create_app
+from shared.api import NUL_REFUSED, ApiGuard, InvalidRequest, create_app
 from shared.bus.memory import MemoryBus
 from shared.clock import ManualClock
 from shared.cloud.fake import FakeCloud
@@ -206,3 +217,69 @@ async def test_auth_answers_a_form_field_over_the_parser_limit_with_an_oauth_err
     assert body["error"] == "invalid_request"
     assert "exceeded maximum size" in body["error_description"]
     jsonschema.validate(body, _response_schema(app, "/auth/token", "post", 400))
+
+
+@pytest.mark.postgres
+async def test_nul_characters_are_refused_at_the_edge_not_by_postgresql(
+    pg_engine: AsyncEngine,
+) -> None:
+    """PostgreSQL refuses a NUL in text and JSON ("invalid byte sequence for encoding UTF8:
+    0x00"): GET /pool/pools/%00 was a 500. Every route's path, query and body are checked."""
+    clock = ManualClock(NOW)
+    runtime = Runtime(Settings(), pg_engine, MemoryBus(), clock)
+    pool = assemble_pool(runtime, PoolSettings(), FakeCloud(clock=clock))
+    recipes = Path(str(files("services.bakery").joinpath("examples/recipes.json")))
+    bakery = assemble_bakery(
+        runtime, BakerySettings(recipes=recipes), load_recipes(recipes), None, unavailable="-"
+    )
+    app = create_app(title="t", routers=[pool.service.router, bakery.service.router])
+    async with _client(app) as client:
+        path = await client.get("/pool/pools/a%00b")
+        nodes = await client.get("/pool/pools/hpc/nodes", params={"image_id": "ami-\x00"})
+        query = await client.get("/bakery/builds", params={"recipe": "linux\x00"})
+        body = await client.post("/bakery/builds", json={"recipe": "linux", "reason": "a\x00"})
+        key = await client.put(
+            "/pool/pools/hpc",
+            json={
+                "name": "hpc",
+                "instance_types": ["c7i.large"],
+                "subnets": [{"subnet_id": "subnet-a", "zone": "us-east-1a"}],
+                "tags": {"team\x00": "x"},
+            },
+        )
+        fine = await client.get("/bakery/builds", params={"recipe": "linux"})
+    where = {
+        "path": (path, "path.name"),
+        "nodes": (nodes, "query.image_id"),
+        "query": (query, "query.recipe"),
+        "body": (body, "body.reason"),
+        "key": (key, "body.tags.team\x00"),
+    }
+    for name, (response, at) in where.items():
+        assert response.status_code == 422, (name, response.text)
+        problem = InvalidRequest.model_validate(response.json()).problems[0]
+        assert (problem.where, problem.problem) == (at, NUL_REFUSED), name
+    assert fine.status_code == 200
+
+
+async def test_a_refused_grant_cannot_forge_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fuzz run's logs showed form fields logged as sent: a newline in `grant_type` or
+    `client_id` started a line of the caller's making in the console log format."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}")
+    runtime = Runtime(Settings(), engine, MemoryBus(), ManualClock(NOW))
+    service, _ = assemble_auth(runtime, AuthSettings(environment="development"))
+    app = create_app(title="auth", routers=[service.router])
+    forged = "\n2026-03-02 08:00:00 [info] issued a token to admin"
+    try:
+        async with _client(app) as client:
+            for form in ({"grant_type": f"x{forged}"}, {"client_id": f"pool{forged}"}):
+                response = await client.post("/auth/token", data=form)
+                assert response.status_code == 400
+    finally:
+        await engine.dispose()
+    refused = [r.getMessage() for r in caplog.records if "token refused" in r.getMessage()]
+    assert len(refused) == 2
+    assert not any("\n" in message for message in refused), refused
+    assert all("\\n2026-03-02" in message for message in refused), refused
