@@ -16,6 +16,13 @@ simply made again on the next tick):
   job can land on it in between; a busy node is never powered off.
 - A node autogrow drained but still needs (demand came back, or it just booted drained) is resumed.
 - A node that does not register with the scheduler within the boot timeout is powered off.
+- Warm reserve (off by default; needs the `QueueOutlook` of recent submissions): the nodes the
+  jobs of the last `warm_window_seconds` asked for, capped at `warm_max_nodes`, are what is
+  likely to arrive next. That many idle nodes beyond the waiting jobs' stay up for
+  `warm_idle_seconds` instead of `idle_seconds`, and with `warm_starts` stopped nodes are started
+  to fill the reserve before jobs come, so the next job need not wait a boot. Starts count as a
+  cost: the reserve is bounded, it shrinks as the arrivals age out of the window, and a quiet
+  spell lets every warm node go. The simulator measures what it buys (README).
 
 Each decision also says when time alone could change it (`recheck_at`), so an event-driven
 simulator need not ask every second.
@@ -257,19 +264,19 @@ def decide(
     power_off: list[NodeAction] = []
     boot_timeout = settings.boot_timeout_seconds
 
-    for position, node in enumerate(nodes):
+    # the scheduler usually lists nodes in the pool's order: pair them without a lookup
+    paired = (
+        listed if len(listed) >= len(nodes) else (*listed, *[None] * (len(nodes) - len(listed)))
+    )
+    for node, view in zip(nodes, paired):
         power = node.power
         if power is _STOPPED:
             stopped.append(node)
             continue
         if power is _STOPPING:
             continue
-        # the scheduler usually lists nodes in the pool's order: pair them without a lookup
         name = node.scheduler_name
-        view: SchedulerNode | None = None
-        if position < len(listed) and listed[position].name == name:
-            view = listed[position]
-        else:
+        if view is None or view.name != name:
             if by_name is None:
                 by_name = {n.name: n for n in listed}
             view = by_name.get(name)

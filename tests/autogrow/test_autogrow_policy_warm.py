@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
 from services.autogrow.billing import BillingRules
 from services.autogrow.policy import (
     PolicySettings,
@@ -112,3 +116,54 @@ def test_no_outlook_no_change() -> None:
     seen = [idle("a", 200), down("b")]
     with_warm = decide(queue(seen), pool, RULES, NOW, WARM)
     assert with_warm.power_on == () and [a.node_id for a in with_warm.drain] == ["a"]
+
+
+@hypothesis_settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["stopped", "idle", "busy"]), st.floats(0, 4000)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.tuples(st.floats(0, 1200), st.integers(1, 6)), max_size=6),
+    st.integers(0, 4),
+    st.floats(0, 1, exclude_max=True),
+)
+def test_the_reserve_keeps_every_rule_and_its_recheck_time(
+    kinds: list[tuple[str, float]],
+    arrivals: list[tuple[float, int]],
+    pending: int,
+    fraction: float,
+) -> None:
+    pool, seen = [], []
+    for i, (kind, seconds) in enumerate(kinds):
+        name = f"n{i}"
+        if kind == "stopped":
+            pool.append(stopped(name))
+            seen.append(down(name))
+        else:
+            pool.append(running(name))
+            if kind == "idle":
+                seen.append(idle(name, seconds))
+            else:
+                seen.append(SchedulerNode(name=name, activity=NodeActivity.BUSY, cpus=1))
+    snap, outlook = queue(seen, pending), arrived(*arrivals)
+    decision = decide(snap, pool, RULES, NOW, WARM, outlook)
+    warm = warm_reserve(outlook, NOW, WARM)[0]
+    assert warm <= WARM.warm_max_nodes
+    kind_of = {f"n{i}": kind for i, (kind, _) in enumerate(kinds)}
+    assert all(kind_of[a.node_id] == "stopped" for a in decision.power_on)
+    assert len(decision.power_on) <= max(0, pending + warm - decision.supply_nodes)
+    assert all(kind_of[a.node_id] == "idle" for a in decision.drain)
+    # idle nodes beyond the waiting jobs and the reserve go first; the reserve stays inside
+    # warm_idle_seconds
+    for action in decision.drain:
+        if "warm reserve" in action.reason:
+            assert kinds[int(action.node_id[1:])][1] >= WARM.warm_idle_seconds
+    if decision.recheck_at is not None:
+        assert decision.recheck_at > NOW
+        span = (decision.recheck_at - NOW) // timedelta(microseconds=1)
+        later = NOW + timedelta(microseconds=int(span * fraction))
+        again = decide(snap, pool, RULES, later, WARM, outlook)
+        assert [a.node_id for a in again.power_on] == [a.node_id for a in decision.power_on]
+        assert [a.node_id for a in again.drain] == [a.node_id for a in decision.drain]

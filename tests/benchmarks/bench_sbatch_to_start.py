@@ -149,7 +149,7 @@ async def polling_path(
         submitted = time.time()
         await asyncio.to_thread(cluster.sbatch, "sleep 3600", "--exclusive", nodes=1)
         start = await until(
-            new_start(moto, seen), within=poll + 20, what="StartInstances", every=0.005
+            new_start(moto, seen), within=poll + 20, what="StartInstances", every=0.01
         )
         assert len(start.values("InstanceId")) == 1, start
         if i >= WARM_UP:
@@ -171,7 +171,7 @@ async def hook_path(
         call = await until(
             new_resume(cluster, calls), within=30, what="Slurm's ResumeProgram", every=0.01
         )
-        start = await until(new_start(moto, seen), within=20, what="StartInstances", every=0.005)
+        start = await until(new_start(moto, seen), within=20, what="StartInstances", every=0.01)
         if i >= WARM_UP:
             latencies.append((call.at, start.at))
     return latencies
@@ -190,9 +190,7 @@ async def route_path(deployment: Deployment, moto: MotoServer, jobs: int) -> lis
             called = time.time()
             answer = await autogrow.post("/autogrow/hooks/resume", json={"nodes": [name]})
             answer.raise_for_status()
-            start = await until(
-                new_start(moto, seen), within=20, what="StartInstances", every=0.005
-            )
+            start = await until(new_start(moto, seen), within=20, what="StartInstances", every=0.01)
             if i >= WARM_UP:
                 latencies.append((called, start.at))
     return latencies

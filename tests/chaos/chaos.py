@@ -1,7 +1,7 @@
 """The chaos run: the distributed system under kills, restarts, AWS faults and bad input, with its
 invariants checked at the end.
 
-    python tests/chaos/chaos.py --seed 7 --minutes 10      # make chaos (or python -m tests.chaos.chaos)
+    python tests/chaos/chaos.py --seed 7 --minutes 10   # make chaos; or python -m tests.chaos.chaos
     python tests/chaos/chaos.py --seed 15 --minutes 1.5 --kills 5 --nodes 8 --max-jobs 200  # CI
 
 What runs: its own PostgreSQL, RabbitMQ and moto server (`shared.testing.instances`), every

@@ -346,7 +346,8 @@ async def test_bake_roll_run_jobs_power_off_and_roll_again_around_a_running_job(
             done = view["replacement"]["complete"] and view["by_state"].get("stopped") == SIZE
             only_warm = view["by_state"].keys() <= {"stopped", "terminated"}
             finished = cluster.job_states()[held] == "COMPLETED"
-            return view if done and only_warm and finished else None
+            halted = not cluster.up_nodes()  # the bridge has taken the stopped node down
+            return view if done and only_warm and finished and halted else None
 
         await it.until(roll_complete, 60, "the roll to finish")
         it.mark("roll complete")

@@ -150,7 +150,15 @@ def test_compare_runs_every_policy_in_parallel_and_plots(tmp_path: Path) -> None
     result = runner.invoke(app, [str(trace), "--compare", "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    names = ["always-on", "idle-600", "idle-300", "asg-5min", "hour-boundary", "hpcfleet"]
+    names = [
+        "always-on",
+        "idle-600",
+        "idle-300",
+        "asg-5min",
+        "hour-boundary",
+        "hpcfleet",
+        "hpcfleet-warm",
+    ]
     assert list(summary["policies"]) == names
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     for name in names:

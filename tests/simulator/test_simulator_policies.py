@@ -110,7 +110,9 @@ def test_an_idle_node_goes_down_when_its_rule_says(
     assert result.starts == 2  # it went down and was started again for the second job
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("always-on", "asg-5min")])
+@pytest.mark.parametrize(
+    "policy", [p for p in POLICIES if p not in ("always-on", "asg-5min", "hpcfleet-warm")]
+)
 def test_a_job_that_needs_a_fresh_node_waits_one_boot(policy: str) -> None:
     result = replay(TWO_JOBS, policy)
     assert [j.start - j.submit for j in result.jobs] == [60, 60]
