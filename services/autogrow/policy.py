@@ -268,7 +268,7 @@ def decide(
     paired = (
         listed if len(listed) >= len(nodes) else (*listed, *[None] * (len(nodes) - len(listed)))
     )
-    for node, view in zip(nodes, paired):
+    for node, view in zip(nodes, paired, strict=False):
         power = node.power
         if power is _STOPPED:
             stopped.append(node)

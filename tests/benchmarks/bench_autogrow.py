@@ -6,8 +6,8 @@
    walks every tracked object of the process (about 200,000 here, most of them the imported
    libraries', which never die), and the thousands of actions one call returns are what bring the
    next one on. The table says how many fell inside the timed calls and what one cost. A second
-   row times the same calls after `gc.freeze()` of everything alive before them: what a worker
-   that froze its startup objects would see (autogrow's worker does not, yet).
+   row times the same calls after `gc.freeze()` of everything alive before them: what autogrow's
+   worker sees, since `run_worker` freezes its startup objects.
 2. From a `QueueDepthChanged` received to `PowerOn` in the outbox, over RabbitMQ and PostgreSQL
    (target: under 100 ms at the 99th percentile). This process runs autogrow's consumer, decision
    loop and relay, as its worker does; each round publishes a queue that needs two more nodes to
