@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml deploy/scripts/system-packages.txt | sha1sum | cut -c1-12)
 
-.PHONY: run test lint bench chaos clean
+.PHONY: run test lint bench chaos soak clean
 
 $(STAMP): pyproject.toml deploy/scripts/system-packages.txt
 	bash deploy/scripts/install-system-packages.sh
@@ -31,6 +31,9 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python tests/chaos/chaos.py --seed $(or $(SEED),7) --minutes 10
+
+soak: $(STAMP)
+	$(BIN)/python tests/chaos/chaos.py --soak --seed $(or $(SEED),7) --minutes 60
 
 clean:
 	rm -rf $(VENV) .hpcfleet .pytest_cache .mypy_cache .ruff_cache

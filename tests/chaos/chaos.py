@@ -18,6 +18,13 @@ service's queue; a duplicate of a real message to each; and a second image baked
 pool rolls under fire. Then the faults stop, the run waits for the system to converge and checks
 the invariants (see `Checker`); the report says what broke, and the exit status is 1 if anything
 did.
+
+    python tests/chaos/chaos.py --soak --minutes 60   # make soak
+
+`--soak` runs no fault at all: the same fleet replays the trace at a steady rate for `--minutes`
+(an hour by default, at x240 so the slice spans it), sampling every process's memory (VmRSS with
+its children's) at the start, periodically and at the end, then checks the same invariants; the
+report has each process's growth and the messages sent and handled a second.
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ class Options:
     converge_minutes: float = 5.0
     workdir: Path | None = None
     keep: bool = False
+    soak: bool = False  # no faults; memory sampled (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,7 @@ class Report:
     converge_waits: list[str] = field(default_factory=list)
     invariants: list[Invariant] = field(default_factory=list)
     numbers: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # the soak's: see `ChaosRun.sample`
     workdir: str = ""
 
     @property
@@ -238,7 +247,8 @@ class Report:
 
     def text(self) -> str:
         lines = [
-            f"hpcfleet chaos run, seed {self.seed}: {'PASSED' if self.passed else 'FAILED'}",
+            f"hpcfleet {'soak' if self.options.get('soak') else 'chaos'} run, seed {self.seed}: "
+            f"{'PASSED' if self.passed else 'FAILED'}",
             f"  reproduce: {self.command}",
             f"  trace: {self.trace.get('jobs')} jobs of {self.trace.get('trace')} "
             f"(ids {self.trace.get('first_job')}..{self.trace.get('last_job')}, "
@@ -271,6 +281,8 @@ class Report:
                     f"{kill.down_seconds:4.1f} s, ready {_fmt(kill.ready_seconds)}, settled "
                     f"{_fmt(kill.settled_seconds)}"
                 )
+        if len(self.samples) > 1:
+            lines += soak_table(self.samples)
         if self.crashes:
             lines.append(f"  processes that died on their own: {self.crashes}")
         lines.append("  invariants:")
@@ -283,6 +295,56 @@ class Report:
             )
         lines.append(f"  logs and report.json: {self.workdir}")
         return "\n".join(lines)
+
+
+def soak_table(samples: Sequence[dict[str, Any]]) -> list[str]:
+    """The soak's lines: messages a second, and each process's memory at the start and the end."""
+    first, last = samples[0], samples[-1]
+    span = max(1e-9, last["at"] - first["at"])
+    sent, handled = last["sent"] - first["sent"], last["handled"] - first["handled"]
+    lines = [
+        f"  soak: {span:.0f} s, {len(samples)} samples; {sent} messages sent "
+        f"({sent / span:.2f}/s), {handled} handled ({handled / span:.2f}/s)",
+        f"    {'process (RSS with children)':<28} {'start MB':>9} {'end MB':>9} {'growth':>16}",
+    ]
+    for name, start in first["rss_mb"].items():
+        end = last["rss_mb"].get(name)
+        if start is None or end is None:
+            growth = "(not running)"
+        else:
+            growth = f"{end - start:+.1f} MB {100 * (end - start) / start:+.0f}%"
+        lines.append(f"    {name:<28} {_fmt_mb(start):>9} {_fmt_mb(end):>9} {growth:>16}")
+    return lines
+
+
+def _fmt_mb(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb:.1f}"
+
+
+def memory_mb(pids: dict[str, int | None]) -> dict[str, float | None]:
+    """Each process's VmRSS plus its descendants' (a server's own workers: PostgreSQL's backends,
+    RabbitMQ's beam), in MB, from /proc; None for a process not running."""
+    children: defaultdict[int, list[int]] = defaultdict(list)
+    rss: dict[int, int] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            status = (proc / "status").read_text()
+            kb = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+            rss[int(proc.name)] = int(kb.group(1)) if kb else 0
+            children[ppid].append(int(proc.name))
+    found: dict[str, float | None] = {}
+    for name, pid in pids.items():
+        if pid is None or pid not in rss:
+            found[name] = None
+            continue
+        total, todo = 0, [pid]
+        while todo:
+            current = todo.pop()
+            total += rss.get(current, 0)
+            todo += children[current]
+        found[name] = round(total / 1024, 1)
+    return found
 
 
 def _median(values: Sequence[float]) -> float:
@@ -750,7 +812,7 @@ class ChaosRun:
     async def fault_phase(self) -> None:
         fleet, moto = self.fleet, self.moto
         assert fleet is not None and moto is not None and self.standin is not None
-        schedule = plan_faults(self.options, list(fleet.processes))
+        schedule = [] if self.options.soak else plan_faults(self.options, list(fleet.processes))
         (self.workdir / "schedule.json").write_text(
             json.dumps([asdict(p) for p in schedule], indent=1)
         )
@@ -760,7 +822,7 @@ class ChaosRun:
         self.phase_started = time.monotonic()
         self.standin.begin(jobs)
         self.note(f"replaying {about['jobs']} jobs; {len(schedule)} faults scheduled")
-        for body in aws_faults(self.options.aws_fault_rate):
+        for body in [] if self.options.soak else aws_faults(self.options.aws_fault_rate):
             response = await self._http.post(f"{moto.endpoint}/_fault", json=body)
             response.raise_for_status()
         monitor = asyncio.create_task(self.monitor())
@@ -787,6 +849,8 @@ class ChaosRun:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
+            if self.options.soak:
+                await self.sample()
             for name in sorted(self.down):  # a restart still pending: do it now
                 fleet.restart(name)
             self.down.clear()
@@ -884,10 +948,15 @@ class ChaosRun:
         self.note(f"second image asked of bakery: build {build}")
 
     async def monitor(self) -> None:
-        """Processes that die on their own are crashes: note them and start them again."""
+        """Processes that die on their own are crashes: note them and start them again. In a
+        soak, also take a memory sample now and then (a dozen in the run, at least 10 s apart)."""
         fleet = self.fleet
         assert fleet is not None
+        every, due = max(10.0, self.options.minutes * 5), 0.0
         while True:
+            if self.options.soak and time.monotonic() >= due:
+                due = time.monotonic() + every
+                await self.sample()
             await asyncio.sleep(0.5)
             for name, process in fleet.processes.items():
                 if name in self.down or process.alive:
@@ -898,6 +967,27 @@ class ChaosRun:
                     f"CRASH: {name} exited {process.exit_code}; restarting. Log tail:\n{tail}"
                 )
                 fleet.restart(name)
+
+    async def sample(self) -> None:
+        """One soak sample: every process's memory, and the messages sent and handled so far."""
+        fleet, db = self.fleet, self.db
+        assert fleet is not None and db is not None
+        servers = {"postgresql": self.postgres, "rabbitmq": self.rabbit, "moto": self.moto}
+        pids = {name: process.pid for name, process in fleet.processes.items()}
+        pids.update({name: server.pid for name, server in servers.items() if server is not None})
+        try:
+            sent = sum(
+                [await db.value(f"SELECT count(*) FROM {s}_outbox") for s in fleet.config.services]
+            )
+            handled = sum([await db.value(f"SELECT count(*) FROM {c}_inbox") for c in CONSUMERS])
+        except Exception as exc:
+            self.note(f"soak sample failed: {exc!r}")
+            return
+        memory = memory_mb(pids)
+        at = round(time.monotonic() - self.phase_started, 1)
+        self.report.samples.append({"at": at, "sent": sent, "handled": handled, "rss_mb": memory})
+        total = sum(mb for mb in memory.values() if mb is not None)
+        self.note(f"memory {total:.0f} MB in all; {sent} messages sent, {handled} handled")
 
     # ---- convergence -----------------------------------------------------------------------------
 
@@ -1518,17 +1608,26 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         prog="python tests/chaos/chaos.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--seed", type=int, default=1, help="draws the whole fault schedule")
-    parser.add_argument("--minutes", type=float, default=10.0, help="length of the fault phase")
+    parser.add_argument("--soak", action="store_true", help="no faults; memory sampled")
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="length of the fault phase (soak: 60)"
+    )
     parser.add_argument("--kills", type=int, default=24, help="kill -9 of service processes")
     parser.add_argument("--disconnects", type=int, default=2, help="broker connections closed")
     parser.add_argument("--postgres-restarts", type=int, default=1)
     parser.add_argument("--aws-fault-rate", type=float, default=0.10)
     parser.add_argument("--nodes", type=int, default=16, help="the pool's size")
-    parser.add_argument("--max-jobs", type=int, default=400, help="jobs of the trace slice")
-    parser.add_argument("--speed", type=float, default=720.0, help="clock speed (x real time)")
+    parser.add_argument(
+        "--max-jobs", type=int, default=400, help="jobs of the trace slice (soak: 2000)"
+    )
+    parser.add_argument(
+        "--speed", type=float, default=720.0, help="clock speed, x real time (soak: 240)"
+    )
     parser.add_argument("--converge-minutes", type=float, default=5.0)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (logs) on success")
+    if "--soak" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(minutes=60.0, max_jobs=2000, speed=240.0)
     args = parser.parse_args(argv)
     return Options(
         seed=args.seed,
@@ -1543,10 +1642,17 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         converge_minutes=args.converge_minutes,
         workdir=args.workdir,
         keep=args.keep,
+        soak=args.soak,
     )
 
 
 def command_line(options: Options) -> str:
+    if options.soak:
+        return (
+            f"python tests/chaos/chaos.py --soak --seed {options.seed} --minutes "
+            f"{options.minutes:g} --nodes {options.nodes} --max-jobs {options.max_jobs} "
+            f"--speed {options.speed:g}"
+        )
     return (
         f"python tests/chaos/chaos.py --seed {options.seed} --minutes {options.minutes:g} "
         f"--kills {options.kills} --disconnects {options.disconnects} "
