@@ -233,7 +233,7 @@ async def deployed(
                 for service, url in urls.items()
             )
         )
-        await _subscribed(deployment)
+        await subscribed(rabbitmq_url, exchange, CONSUMERS, alive=processes.check)
         deployment.timings["processes up"] = time.monotonic() - started
         deployment.operator_token = await deployment.sign_in()
         await _roles_ready(deployment)
@@ -248,18 +248,25 @@ async def deployed(
     assert not unclean, f"{unclean}\n{processes.report(list(unclean))}"
 
 
-async def _subscribed(deployment: Deployment, timeout: float = 120.0) -> None:  # noqa: ASYNC109
-    """Every consuming worker has declared its queue: from now on no event is published to an
-    exchange with nobody bound to it for them."""
+async def subscribed(
+    rabbitmq_url: str,
+    exchange: str,
+    consumers: Sequence[str],
+    *,
+    alive: Callable[[], None] = lambda: None,
+    timeout: float = 120.0,  # noqa: ASYNC109 (a polling deadline)
+) -> None:
+    """Wait until each consuming worker has declared its queue: from then on no event is
+    published to an exchange with nobody bound to it for them (such an event would be lost)."""
     deadline = time.monotonic() + timeout
-    connection = await aio_pika.connect(deployment.rabbitmq_url)
+    connection = await aio_pika.connect(rabbitmq_url)
     try:
-        for consumer in CONSUMERS:
+        for consumer in consumers:
             while True:
-                deployment.processes.check()
+                alive()
                 channel = await connection.channel()
                 try:
-                    await channel.declare_queue(f"{deployment.exchange}.{consumer}", passive=True)
+                    await channel.declare_queue(f"{exchange}.{consumer}", passive=True)
                     break
                 except aio_pika.exceptions.ChannelClosed:
                     if time.monotonic() > deadline:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from distributed_kit import subscribed
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tests_support import delete_rabbit_namespace, free_port, wait_until
@@ -64,6 +65,7 @@ async def distributed(
     headers = {"authorization": f"Bearer {token}"}
     try:
         await processes.wait_healthy(url, name="bakery-api", timeout=60)
+        await subscribed(rabbitmq_url, exchange_name, ["pool", "bakery"], alive=processes.check)
         async with httpx.AsyncClient(base_url=url, headers=headers) as client:
 
             async def ready() -> bool:
