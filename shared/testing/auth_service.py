@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import uvicorn
 from cryptography.hazmat.primitives import serialization
@@ -27,10 +28,24 @@ from shared.store import create_engine
 from shared.tokens import TokenVerifier, generate_signing_key
 
 
+class TlsFiles(Protocol):
+    cert: Path
+    key: Path
+
+
 @contextmanager
-def serve_app(app: ASGIApp) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+def serve_app(app: ASGIApp, tls: TlsFiles | None = None) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread (over https with `tls`); yields
+    its base URL."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -41,7 +56,7 @@ def serve_app(app: ASGIApp) -> Iterator[str]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-from starlette.types import ASGIApp
-
 from services.auth.devidp import DevUser, role_value
+from shared.testing.auth_service import serve_app
 
 ACCOUNT = "123456789012"
 PROVIDER = f"arn:aws:iam::{ACCOUNT}:saml-provider/ADFS"
@@ -62,32 +58,7 @@ class Tls:
         return ssl.create_default_context(cafile=str(self.cert))
 
 
-@contextmanager
-def serve(app: ASGIApp, tls: Tls | None = None) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yields its base URL."""
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="off",
-        ssl_certfile=str(tls.cert) if tls else None,
-        ssl_keyfile=str(tls.key) if tls else None,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+serve = serve_app  # one loopback server for every test kit (shared/testing/auth_service.py)
 
 
 async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
@@ -29,9 +27,7 @@ import aioboto3
 import asyncpg
 import boto3
 import httpx
-import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp
 
 from deploy.migrations import upgrade
 from services.audit.service import assemble as assemble_audit
@@ -60,6 +56,7 @@ from shared.events import BillingModel, ImageReady, NodeProvisioned
 from shared.service import Runtime, Service
 from shared.settings import Settings
 from shared.store import create_engine
+from shared.testing.auth_service import serve_app
 from shared.tokens import TokenIssuer, TokenVerifier, generate_signing_key
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -393,26 +390,6 @@ USERS = (
 )
 
 
-@contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """`app` under uvicorn on a free loopback port, in a thread; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the development IdP did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def auth_target(folder: Path, database_url: str) -> Target:
     """auth in development with the development IdP as AD FS (plain http on loopback), one
     service client, no STS roles (the broker has nothing to keep fresh, so nothing answers 503)."""
@@ -423,7 +400,7 @@ def auth_target(folder: Path, database_url: str) -> Target:
         DevIdpConfig(environment="development", users=USERS, secure_cookies=False), signing, clock
     )
     stack = ExitStack()
-    adfs_url = stack.enter_context(serve(idp.app))
+    adfs_url = stack.enter_context(serve_app(idp.app))
     cert = folder / "adfs.crt"
     cert.write_bytes(signing.cert_pem)
     secret = folder / "pool.secret"
