@@ -47,8 +47,9 @@ from services.console.router import VIEWER_SCOPES
 from services.console.router import make_router as console_router
 from services.single import single_process_app
 from shared.api import ApiGuard
-from shared.clock import ScaledClock, SystemClock
+from shared.clock import SystemClock
 from shared.cloud.moto_server import MotoServer
+from shared.process import ClockSettings, process_clock
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
 from shared.tokens import TokenVerifier
@@ -383,12 +384,15 @@ async def up(options: UpOptions) -> None:
     adfs_serving = asyncio.create_task(adfs.serve(), name="dev-adfs")
     try:
         adfs_url = await _listening(adfs, adfs_serving)
-        with MotoServer() as moto:
+        # EC2 stamps launch times on the services' accelerated clock, so billing follows it
+        epoch = time.time()
+        with MotoServer(clock_speed=options.speed, clock_epoch=epoch) as moto:
             region = Settings().aws_region
             recipes = rehearsal_recipes(options.state_dir, moto.endpoint, region)
             os.environ.update(environment(options, moto.endpoint, recipes, identity, adfs_url))
             settings = load_settings(Settings)
-            runtime = Runtime.from_settings(settings, clock=ScaledClock(options.speed))
+            clock = process_clock(ClockSettings(speed=options.speed, epoch=epoch))
+            runtime = Runtime.from_settings(settings, clock=clock)
             services = build_services(runtime, options, moto)
             verifier = TokenVerifier([identity.token_public_keys.read_text()])
             guard = ApiGuard(verifier, SystemClock())
