@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 
 from services.bakery.aws import BakeryAws
@@ -124,11 +124,15 @@ class DbProgress:
     async def log(self, text: str) -> None:
         stamp = self.runner.clock.now().strftime("%H:%M:%S")
         lines = "".join(f"{stamp} {line}\n" for line in text.splitlines() if line.strip())
+        # one UPDATE appends, so two writers never lose each other's lines (a read, then a write,
+        # did: SQLite's driver runs the read outside the write's transaction)
+        log = func.coalesce(builds.c.log, "") + lines
+        tail = case(
+            (func.length(log) > LOG_LIMIT, func.substr(log, func.length(log) - LOG_LIMIT + 1)),
+            else_=log,
+        )
         async with self.runner.mailbox.engine.begin() as conn:
-            current = (
-                await conn.execute(select(builds.c.log).where(builds.c.build_id == self.build_id))
-            ).scalar_one_or_none() or ""
-            await self._touch(conn, log=(current + lines)[-LOG_LIMIT:])
+            await self._touch(conn, log=tail)
 
     async def note(self, **fields: Any) -> None:
         async with self.runner.mailbox.engine.begin() as conn:
@@ -336,7 +340,13 @@ class BuildRunner:
     def _spawn(self, build_id: str, work: Any) -> None:
         task = asyncio.create_task(work, name=f"bakery-build:{build_id}")
         self.tasks[build_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(build_id, None))
+        task.add_done_callback(lambda done: self._forget(build_id, done))
+
+    def _forget(self, build_id: str, done: asyncio.Task[None]) -> None:
+        # a take-over task that re-queued its build can end after the build's next run started:
+        # only the task itself is forgotten, never its successor (whose lease must be renewed)
+        if self.tasks.get(build_id) is done:
+            del self.tasks[build_id]
 
     # --- one build ------------------------------------------------------------------------------
 
