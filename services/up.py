@@ -49,7 +49,7 @@ from services.single import single_process_app
 from shared.api import ApiGuard
 from shared.clock import SystemClock
 from shared.cloud.moto_server import MotoServer
-from shared.process import ClockSettings, process_clock
+from shared.process import ClockSettings, accelerated_loops, process_clock
 from shared.service import Runtime, Service
 from shared.settings import ConfigurationError, Settings, load_settings
 from shared.tokens import TokenVerifier
@@ -206,16 +206,9 @@ def rehearsal_recipes(state_dir: Path, endpoint: str, region: str) -> Path:
 def environment(
     options: UpOptions, moto: str, recipes: Path, identity: DevDirectory, adfs_url: str
 ) -> dict[str, str]:
-    """The settings every service reads, for this run (set in this process's environment).
-
-    Loop periods are given in real seconds times `speed`, so that at any speed the loops run a
-    few times a second of real time instead of spinning."""
+    """The settings every service reads, for this run (set in this process's environment)."""
     state = options.state_dir
     surge = options.nodes + max(1, -(-options.nodes // 10))
-
-    def every(real_seconds: float) -> str:
-        return str(real_seconds * options.speed)
-
     return {
         "HPCFLEET_DATABASE_URL": options.postgres or f"sqlite+aiosqlite:///{state / 'hpcfleet.db'}",
         "HPCFLEET_BUS_URL": options.rabbitmq or "memory://",
@@ -227,16 +220,7 @@ def environment(
         "HPCFLEET_AUTOGROW_SIMULATED_NODES": f"node[001-{surge:03d}]",
         "HPCFLEET_BAKERY_WORK_DIR": str(state / "bakery"),
         "HPCFLEET_BAKERY_RECIPES": str(recipes),
-        "HPCFLEET_RELAY_INTERVAL": every(0.25),
-        "HPCFLEET_POOL_RECONCILE_INTERVAL": every(0.5),
-        "HPCFLEET_AUTOGROW_POLL_INTERVAL": every(0.25),
-        "HPCFLEET_AUTOGROW_STALE_SECONDS": every(3.0),
-        "HPCFLEET_AUTOGROW_COMMAND_TIMEOUT_SECONDS": every(5.0),
-        "HPCFLEET_AUTOGROW_POLICY__BOOT_TIMEOUT_SECONDS": every(10.0),
-        "HPCFLEET_BAKERY_POLL_SECONDS": every(0.1),
-        "HPCFLEET_BAKERY_BUILD_INTERVAL": every(0.5),
-        "HPCFLEET_BAKERY_LEASE_SECONDS": every(5.0),
-        "HPCFLEET_BAKERY_SCHEDULE_INTERVAL": every(5.0),
+        **accelerated_loops(options.speed),
     }
 
 

@@ -62,6 +62,29 @@ def process_clock(settings: ClockSettings) -> Clock:
     return ScaledClock(settings.speed, origin)
 
 
+def accelerated_loops(speed: float) -> dict[str, str]:
+    """The services' loop periods for a run whose clock goes `speed` times real time.
+
+    Given in real seconds times `speed`, so that at any speed the loops run a few times a second
+    of real time instead of spinning (`hpcfleet up`, the chaos run)."""
+
+    def every(real_seconds: float) -> str:
+        return str(real_seconds * speed)
+
+    return {
+        "HPCFLEET_RELAY_INTERVAL": every(0.25),
+        "HPCFLEET_POOL_RECONCILE_INTERVAL": every(0.5),
+        "HPCFLEET_AUTOGROW_POLL_INTERVAL": every(0.25),
+        "HPCFLEET_AUTOGROW_STALE_SECONDS": every(3.0),
+        "HPCFLEET_AUTOGROW_COMMAND_TIMEOUT_SECONDS": every(5.0),
+        "HPCFLEET_AUTOGROW_POLICY__BOOT_TIMEOUT_SECONDS": every(10.0),
+        "HPCFLEET_BAKERY_POLL_SECONDS": every(0.1),
+        "HPCFLEET_BAKERY_BUILD_INTERVAL": every(0.5),
+        "HPCFLEET_BAKERY_LEASE_SECONDS": every(5.0),
+        "HPCFLEET_BAKERY_SCHEDULE_INTERVAL": every(5.0),
+    }
+
+
 def _clock_or_exit() -> Clock:
     try:
         return process_clock(load_settings(ClockSettings))
