@@ -84,7 +84,40 @@ def _pg_bin(name: str) -> str:
     return found
 
 
-class OwnPostgres:
+class OwnServer:
+    """What the three servers share: the process we started (its PID while it runs), started on
+    entering a ``with`` block, stopped and its files deleted on leaving it."""
+
+    process: subprocess.Popen[bytes] | None = None
+    base: Path | None = None  # the temp dir holding its data and logs, deleted by close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def start(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop and delete everything."""
+        self.stop()
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class OwnPostgres(OwnServer):
     """A PostgreSQL cluster of our own: trust auth on 127.0.0.1:`port`, one database `database`.
 
     Run as root, the data dir is handed to the ``postgres`` user and the server runs as that user
@@ -115,10 +148,6 @@ class OwnPostgres:
     def url(self) -> str:
         """For SQLAlchemy (HPCFLEET_DATABASE_URL)."""
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.poll() is None else None
 
     def _run(self, *command: str) -> None:
         result = subprocess.run(
@@ -184,22 +213,8 @@ class OwnPostgres:
         self.start()
         return time.monotonic() - began
 
-    def close(self) -> None:
-        """Stop and delete everything."""
-        self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class OwnRabbitMQ:
+class OwnRabbitMQ(OwnServer):
     """A RabbitMQ node of our own: its own node name, AMQP and distribution ports, Erlang cookie
     (HOME is its dir) and data dir; guest/guest on 127.0.0.1 only."""
 
@@ -236,10 +251,6 @@ class OwnRabbitMQ:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.poll() is None else None
 
     def start(self, timeout: float = 90) -> None:
         """Start the node (the real script, not Debian's wrapper, which would switch user and
@@ -291,21 +302,8 @@ class OwnRabbitMQ:
         self.ctl("close_all_connections", reason)
         return count
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class OwnMoto:
+class OwnMoto(OwnServer):
     """``python -m shared.cloud.moto_server`` as a process of its own: AWS for a distributed run,
     with the fault-injecting wrapper at ``/_fault``."""
 
@@ -330,10 +328,6 @@ class OwnMoto:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.poll() is None else None
 
     def start(self, timeout: float = 60) -> None:
         if self.pid is not None:
@@ -360,12 +354,3 @@ class OwnMoto:
             with contextlib.suppress(OSError):
                 self._log.close()
             self._log = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -9,15 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aio_pika
 import pytest
@@ -26,6 +22,7 @@ from bus_kit import BusKit, eventually, node_retired, take_dead_letters
 from shared.bus import Envelope
 from shared.bus.rabbit import RabbitBus, Unroutable
 from shared.events import Message, PowerOn
+from shared.testing.instances import InstanceError, OwnRabbitMQ, free_port
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -220,101 +217,24 @@ async def test_a_stream_survives_the_server_closing_both_connections(
     )
 
 
-class OwnBroker:
-    """A throw-away RabbitMQ node of this test's own: its own node name, ports and data dir."""
-
-    def __init__(self, server: str, base: Path) -> None:
-        self.server = server
-        self.base = base
-        self.port = _free_port()
-        self.node = f"hpcfleet-test-{uuid.uuid4().hex[:8]}@localhost"
-        self.process: asyncio.subprocess.Process | None = None
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq-env.conf").write_text("")
-        self.env = {
-            **os.environ,
-            "HOME": str(base),  # its Erlang cookie lives here, not in anyone's home
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(_free_port()),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_PID_FILE": str(base / "pid"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        }
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/?reconnect_interval=0.5"
-
-    async def start(self) -> None:
-        with (self.base / "server.log").open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                self.server, env=self.env, stdout=log, stderr=log
-            )
-        async with asyncio.timeout(60):
-            while not await _listening(self.port):
-                if self.process.returncode is not None:
-                    log_tail = (self.base / "server.log").read_text()[-2000:]
-                    pytest.fail(f"own RabbitMQ node exited at start:\n{log_tail}")
-                await asyncio.sleep(0.1)
-
-    async def stop(self) -> None:
-        """SIGTERM to the server script, which stops the node gracefully."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(self.process.wait(), 60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-def _server_script() -> str | None:
-    """The real script, not Debian's /usr/sbin wrapper: as root, that one switches to the rabbitmq
-    user and writes its output over the shared broker's startup log."""
-    script = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-    return str(script) if script.exists() else shutil.which("rabbitmq-server")
-
-
 @pytest.fixture
-async def own_broker(tmp_path: Path) -> AsyncIterator[OwnBroker]:
-    server = _server_script()
-    if server is None:
+def own_broker() -> Iterator[OwnRabbitMQ]:
+    """A RabbitMQ node of this test's own, since the test stops it: never the shared one."""
+    try:
+        broker = OwnRabbitMQ()
+    except InstanceError:
         if os.environ.get("HPCFLEET_SKIP_RABBITMQ") == "1":
             pytest.skip("rabbitmq-server is not installed")
-        pytest.fail("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    broker = OwnBroker(server, tmp_path)
-    try:
-        await broker.start()
+        raise
+    with broker:
         yield broker
-    finally:
-        await broker.stop()
 
 
 @pytest.mark.slow
-async def test_nothing_is_lost_when_the_broker_restarts_mid_stream(own_broker: OwnBroker) -> None:
-    kit = BusKit("rabbit", own_broker.url)
+async def test_nothing_is_lost_when_the_broker_restarts_mid_stream(
+    own_broker: OwnRabbitMQ,
+) -> None:
+    kit = BusKit("rabbit", f"{own_broker.url}?reconnect_interval=0.5")
     bus = await kit.bus(prefetch=32, delivery_limit=5)
     assert isinstance(bus, RabbitBus)
     consumer = kit.consumer("stream")
@@ -323,8 +243,8 @@ async def test_nothing_is_lost_when_the_broker_restarts_mid_stream(own_broker: O
     try:
         publishing = asyncio.create_task(stream.publish_all(bus))
         await eventually(lambda: len(stream.effects) >= len(stream.messages) // 3)
-        await own_broker.stop()
-        await own_broker.start()
+        await asyncio.to_thread(own_broker.stop)
+        await asyncio.to_thread(own_broker.start)
         await asyncio.wait_for(publishing, 60)  # publishes retry until the broker is back
         await eventually(stream.complete, within=30)
 
@@ -332,7 +252,7 @@ async def test_nothing_is_lost_when_the_broker_restarts_mid_stream(own_broker: O
         assert await bus.take_dead_letters(consumer) == []
         assert await kit.queue_state(consumer) == (0, 1)
 
-        await own_broker.stop()
+        await asyncio.to_thread(own_broker.stop)
         bus.publish_timeout = 0.5
         with pytest.raises(ConnectionError, match="could not publish NodeRetired"):
             await bus.publish(Envelope.of(node_retired()))
@@ -345,7 +265,7 @@ async def test_nothing_is_lost_when_the_broker_restarts_mid_stream(own_broker: O
 
 async def test_start_fails_fast_when_the_broker_is_unreachable() -> None:
     bus = RabbitBus(
-        f"amqp://guest:guest@127.0.0.1:{_free_port()}/", exchange="x", prefetch=1, delivery_limit=1
+        f"amqp://guest:guest@127.0.0.1:{free_port()}/", exchange="x", prefetch=1, delivery_limit=1
     )
     async with asyncio.timeout(10):
         with pytest.raises(ConnectionError):
