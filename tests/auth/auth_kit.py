@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-from services.auth.devidp import DevUser, role_value
+from services.auth.devidp import DevUser, LoopbackTls, role_value
 from shared.testing.auth_service import serve_app
 
 ACCOUNT = "123456789012"
@@ -49,13 +46,7 @@ USERS = (
 )
 
 
-@dataclass(frozen=True)
-class Tls:
-    cert: Path
-    key: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.cert))
+Tls = LoopbackTls  # the development IdP's own self-signed certificate for 127.0.0.1
 
 
 serve = serve_app  # one loopback server for every test kit (shared/testing/auth_service.py)
