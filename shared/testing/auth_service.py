@@ -34,15 +34,17 @@ class TlsFiles(Protocol):
 
 
 @contextmanager
-def serve_app(app: ASGIApp, tls: TlsFiles | None = None) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread (over https with `tls`); yields
-    its base URL."""
+def serve_app(
+    app: ASGIApp, tls: TlsFiles | None = None, *, lifespan: bool = False
+) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread (over https with `tls`; with its
+    startup and shutdown when `lifespan`); yields its base URL."""
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=0,
         log_level="warning",
-        lifespan="off",
+        lifespan="on" if lifespan else "off",
         ssl_certfile=str(tls.cert) if tls else None,
         ssl_keyfile=str(tls.key) if tls else None,
     )

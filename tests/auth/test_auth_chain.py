@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +18,9 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-import uvicorn
 from auth_kit import ACCOUNT, ISSUER, PROVIDER, Tls, role_arn, serve
 from botocore.credentials import ContainerProvider
 from cryptography.hazmat.primitives import serialization
-from fastapi import FastAPI
 
 from services.auth.api import AuthContext
 from services.auth.devidp import DevIdp, DevIdpConfig, DevUser, SigningKeyPair, role_value
@@ -79,28 +76,6 @@ class Chain:
         return found
 
 
-@dataclass
-class _Server:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-def _start(app: FastAPI) -> _Server:
-    """uvicorn on a free loopback port, lifespan on (auth_kit.serve turns it off)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return _Server(f"http://127.0.0.1:{port}", server, thread)
-
-
 @pytest.fixture(scope="module")
 def chain(
     signing: SigningKeyPair,
@@ -154,16 +129,12 @@ def chain(
         )
         service, context = assemble(runtime, settings)
         app = create_app(title="auth", routers=[service.router])
-        server = _start(app)
-        try:
+        with serve(app, lifespan=True) as url:
             deadline = time.monotonic() + 15
             while context.broker is None or not context.broker.ready():
                 assert time.monotonic() < deadline, context.broker and context.broker.status()
                 time.sleep(0.02)
-            yield Chain(server.url, context, files)
-        finally:
-            server.server.should_exit = True
-            server.thread.join(timeout=10)
+            yield Chain(url, context, files)
     assert context.broker is None  # the lifespan stopped it
 
 
