@@ -16,6 +16,7 @@ from services.auth.login import login_command, logout_command
 from services.operator import register as register_operator_commands
 from services.registry import SERVICES
 from services.simulator.cli import simulate
+from shared import eventloop
 from shared.logs import configure_logging
 from shared.settings import ConfigurationError, Settings, load_settings
 
@@ -72,11 +73,15 @@ def up(
     live: bool = typer.Option(True, help="Show a live summary in the terminal."),
 ) -> None:
     """Run the whole system in one process: every service, an in-memory bus, a SQLite file, an
-    embedded moto server as AWS, and a simulated scheduler replaying a real trace at --speed.
+    embedded moto server as AWS, a development identity provider standing in for AD FS, and a
+    simulated scheduler replaying a real trace at --speed.
 
-    It bakes an image, fills the pool, rolls the pool onto the image, then powers nodes on and
-    off with the workload. Open the status page at http://HOST:PORT/ and the API docs at /docs.
-    Ctrl-C stops it. --postgres / --rabbitmq switch to the real store and bus.
+    Sign-in goes the production way: the operator's token and each service's AWS credentials
+    come through the real AD FS client code (signed SAML, exchanged at auth, STS for the roles)
+    against the development identity provider, on a loopback port of its own. It bakes an
+    image, fills the pool, rolls the pool onto the image, then powers nodes on and off with the
+    workload. Open the status page at http://HOST:PORT/ and the API docs at /docs. Ctrl-C stops
+    it. --postgres / --rabbitmq switch to the real store and bus.
     """
     from services.up import UpOptions
     from services.up import up as run_up
@@ -110,6 +115,7 @@ def serve(service: ServiceName, port: int | None = typer.Option(None, help="Port
     uvicorn.run(
         f"services.{service.value}.app:create_app",
         factory=True,
+        loop=eventloop.LOOP,
         host=settings.api_host,
         port=port or settings.api_port,
         log_config=None,
@@ -122,7 +128,7 @@ def worker(service: ServiceName) -> None:
     from shared.process import run_worker
 
     settings = _settings()
-    asyncio.run(run_worker(SERVICES[service.value], settings))
+    eventloop.run(run_worker(SERVICES[service.value], settings))
 
 
 def _slurm_hook(

@@ -168,6 +168,13 @@ class NodePowerChanged(Event):
     billing: BillingModel = Field(
         default=BillingModel.PER_SECOND, description="Billing model of the node's image."
     )
+    provisioning: bool = Field(
+        default=False,
+        description="True for a new node's first boot, before its NodeProvisioned: EC2 bills "
+        "it like any run (running when it is first seen up; stopped when the pool stops it, or "
+        "the instance goes, to end the boot), but the node is not the scheduler's yet, so "
+        "count it for cost only.",
+    )
 
 
 class PowerRefused(Event):

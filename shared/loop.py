@@ -19,12 +19,23 @@ log = logging.getLogger(__name__)
 
 class ReconcileLoop:
     def __init__(
-        self, name: str, step: Callable[[], Awaitable[Any]], *, interval: float, clock: Clock
+        self,
+        name: str,
+        step: Callable[[], Awaitable[Any]],
+        *,
+        interval: float,
+        clock: Clock,
+        fixed_rate: bool = False,
     ) -> None:
+        """`fixed_rate`: a pass every `interval` from the start of the last one, not its end (a
+        poll whose reader waits for what it sees: however long a pass takes, nothing waits more
+        than `interval` for the next one to begin)."""
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.name = name
         self.interval = interval
+        self.fixed_rate = fixed_rate
+        self._began = clock.now()
         self._step = step
         self._clock = clock
         self._kicked = asyncio.Event()
@@ -40,6 +51,7 @@ class ReconcileLoop:
     async def run_once(self) -> bool:
         """One pass; returns False (and logs) if it failed."""
         self._kicked.clear()
+        self._began = self._clock.now()
         try:
             await self._step()
         except Exception as exc:
@@ -61,7 +73,10 @@ class ReconcileLoop:
         if self._kicked.is_set():
             return
         kicked = asyncio.ensure_future(self._kicked.wait())
-        tick = asyncio.ensure_future(self._clock.sleep(self.interval))
+        delay = self.interval
+        if self.fixed_rate:
+            delay -= (self._clock.now() - self._began).total_seconds()
+        tick = asyncio.ensure_future(self._clock.sleep(max(0.0, delay)))
         try:
             await asyncio.wait({kicked, tick}, return_when=asyncio.FIRST_COMPLETED)
         finally:

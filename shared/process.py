@@ -17,7 +17,7 @@ import gc
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -26,6 +26,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.api import ApiGuard, create_app
+from shared import eventloop
 from shared.clock import Clock, ScaledClock, SystemClock
 from shared.logs import configure_logging
 from shared.service import Runtime, Service
@@ -125,9 +126,9 @@ async def run_worker(build: ServiceBuilder, settings: Settings, clock: Clock | N
 
 
 def worker_main(build: ServiceBuilder) -> None:
-    """Entry point of `python -m services.<name>.worker`."""
+    """Entry point of `python -m services.<name>.worker` (on uvloop: `shared.eventloop`)."""
     settings = _settings_or_exit()
-    asyncio.run(run_worker(build, settings))
+    eventloop.run(run_worker(build, settings))
 
 
 def api_guard(settings: Settings, clock: Clock) -> ApiGuard | None:
@@ -159,13 +160,28 @@ def service_app(build: ServiceBuilder, *, title: str) -> FastAPI:
     except ConfigurationError as exc:
         print(f"hpcfleet: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    service = build(runtime)
+    return api_app(title, runtime, build(runtime), guard)
+
+
+def api_app(
+    title: str,
+    runtime: Runtime,
+    service: Service,
+    guard: ApiGuard | None,
+    *,
+    prepare: Callable[[FastAPI], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """One service's API on `runtime`, relaying the service's outbox while it runs; `prepare`
+    runs once the bus is up and before the relay starts (tests migrate and seed there)."""
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        service.start_relay()
         try:
+            if prepare is not None:
+                await prepare(app)
+            service.start_relay()
+            gc.freeze()  # as run_worker does: the API process relays the outbox
             yield
         finally:
             await service.stop()

@@ -48,6 +48,46 @@ class PartitionDemand(BaseModel):
     )
 
 
+class HeadReservation(BaseModel):
+    """When the scheduler expects to start the first waiting job, and on what (Slurm: squeue's
+    expected start and scheduled nodes of the top pending job, with power saving counting
+    powered-down nodes as available once resumed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: datetime = Field(description="When the job is expected to start at the latest.")
+    nodes: int = Field(ge=0, description="Whole nodes the job needs.")
+    held: int = Field(
+        default=0,
+        ge=0,
+        description="Of those, the nodes kept for it that run no job now (idle, or powered off "
+        "and counted as available after a boot); the rest are freed by running jobs by then.",
+    )
+    backfill: int = Field(
+        default=0,
+        ge=0,
+        description="Nodes beyond the idle ones that jobs behind it could start on at once, "
+        "were the powered-off nodes up (they end before it or use nodes it does not need).",
+    )
+
+
+MAX_SUBMISSIONS = 256
+"""The most jobs a snapshot lists in `submissions`: enough for any warm reserve up to this many
+nodes (each job asks for at least one), and a bounded message however long the queue."""
+
+
+class JobSubmission(BaseModel):
+    """A job as the arrival pattern sees it: when it came and how much it asked for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(description="The scheduler's job id (an array's: the array's id).")
+    partition: str = Field(description="The partition it was submitted to.")
+    submitted_at: datetime = Field(description="When it was submitted.")
+    nodes: int = Field(ge=0, description="Whole nodes it asks for (an array: all its tasks).")
+    cores: int = Field(default=0, ge=0, description="Cores it asks for (an array: all its tasks).")
+
+
 class QueueSnapshot(BaseModel):
     """The whole queue at one instant: a state, never a delta."""
 
@@ -60,6 +100,14 @@ class QueueSnapshot(BaseModel):
     running_jobs: int = Field(default=0, ge=0, description="Jobs running now.")
     nodes: tuple[SchedulerNode, ...] = Field(
         default=(), description="Every node the scheduler knows."
+    )
+    reservation: HeadReservation | None = Field(
+        default=None, description="The first waiting job's reservation, if the scheduler tells."
+    )
+    submissions: tuple[JobSubmission, ...] = Field(
+        default=(),
+        description="The latest submitted jobs the scheduler lists (waiting, running or just "
+        "ended), newest first, at most MAX_SUBMISSIONS: what a warm reserve is sized by.",
     )
 
     @property

@@ -92,7 +92,7 @@ class SimulatedCluster:
 
     async def snapshot(self) -> QueueSnapshot:
         await self._follow_pool()
-        return self.scheduler.take_snapshot()
+        return self.scheduler.listed_snapshot()
 
     async def nodes(self) -> Sequence[SchedulerNode]:
         await self._follow_pool()

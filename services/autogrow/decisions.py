@@ -21,6 +21,10 @@ way, or for `command_timeout_seconds`: meanwhile the policy sees the node starti
 does not ask again. After a pass that changed the scheduler, the next pass first re-reads it, so
 that no decision is made on a view that predates autogrow's own changes.
 
+A pool whose policy has a warm reserve (`warm_window_seconds` and `warm_max_nodes`) also gets the
+`QueueOutlook` of the jobs submitted lately, which the decider gathers from the snapshots'
+`submissions` (`RecentArrivals`); without one, `decide()` gets no outlook, as before.
+
 Where Slurm decides (power saving with ResumeProgram / SuspendProgram): Slurm picks the nodes to
 power on and calls the resume hook, so the policy's power-ons are not acted on; autogrow still
 chooses when idle nodes go down, and asks Slurm to power down a node Slurm counts as up (drained by
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +49,15 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.autogrow.billing import BillingRules
-from services.autogrow.policy import Decision, NodeAction, PoolNodeView, decide
+from services.autogrow.policy import (
+    Decision,
+    NodeAction,
+    PolicySettings,
+    PoolNodeView,
+    QueueOutlook,
+    decide,
+    warm_reserve,
+)
 from services.autogrow.policy_store import DEFAULT_POOL, PoolPolicy, default_policy, load_policies
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.slurm import SlurmScheduler
@@ -52,7 +65,7 @@ from services.autogrow.tables import decisions, images, nodes
 from services.autogrow.watcher import QueueState, QueueWatcher, load_queue, queue_problem
 from shared.events import BillingModel, PowerOff, PowerOn, PowerState
 from shared.outbox import Mailbox, Transaction
-from shared.scheduler import NodeActivity, QueueSnapshot, Scheduler
+from shared.scheduler import JobSubmission, NodeActivity, QueueSnapshot, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +218,86 @@ def together(decisions: Iterable[Decision], now: datetime) -> Decision:
     )
 
 
+# ---- the warm reserve's outlook -----------------------------------------------------------------
+
+
+def warms(policy: PolicySettings) -> bool:
+    """Whether the policy has a warm reserve at all (it needs the outlook)."""
+    return policy.warm_window_seconds > 0 and policy.warm_max_nodes > 0
+
+
+class RecentArrivals:
+    """The jobs submitted lately, gathered from the snapshots the decider reads, by job id.
+
+    Why gathered, not read from the latest snapshot alone: a snapshot lists only the jobs the
+    scheduler still shows (Slurm: waiting, running, and finished for a few minutes), at most
+    `MAX_SUBMISSIONS` of them; a short job that came and went between two reads, or a burst
+    larger than that, is part of the arrival pattern all the same, so each snapshot's
+    `submissions` are merged into what earlier ones showed (a job is counted once, under the
+    submit time the scheduler gives, not when it was first seen).
+
+    Why bounded: only jobs submitted within the longest `warm_window_seconds` of any pool can
+    count, and of those only the newest `warm_max_nodes` (the largest of any pool) per partition:
+    each asks for at least one node, so if more of them are in a window the reserve is at its cap
+    anyway, and the older ones leave the window first. With no pool warming nothing is kept.
+
+    Why in memory only: after a restart the next snapshot lists again every job the scheduler
+    still shows, with its submit time, so only the jobs that came and went meanwhile are missed,
+    and the reserve is a little smaller for at most one window. That is a guess about the future
+    off by a little for a few minutes, not a wrong action; a table would cost more than it saves.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobSubmission] = {}
+        self._seen: QueueSnapshot | None = None
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def observe(self, snapshot: QueueSnapshot, now: datetime, window: float, most: int) -> None:
+        """Merge the snapshot's submissions (once per snapshot), then forget what is older than
+        `window` seconds or beyond the newest `most` of its partition."""
+        if window <= 0 or most <= 0:
+            self._jobs.clear()
+            self._seen = None
+            return
+        jobs = self._jobs
+        if snapshot is not self._seen:
+            self._seen = snapshot
+            for job in snapshot.submissions:
+                if (now - job.submitted_at).total_seconds() >= window:
+                    continue  # listed, but too old to count
+                known = jobs.get(job.job_id)
+                if known is None:
+                    jobs[job.job_id] = job
+                elif job.nodes > known.nodes or job.cores > known.cores:  # an array grew
+                    nodes, cores = max(job.nodes, known.nodes), max(job.cores, known.cores)
+                    jobs[job.job_id] = known.model_copy(update={"nodes": nodes, "cores": cores})
+        by_partition: dict[str, list[JobSubmission]] = {}
+        for job in jobs.values():
+            if (now - job.submitted_at).total_seconds() < window:
+                by_partition.setdefault(job.partition, []).append(job)
+        kept: dict[str, JobSubmission] = {}
+        for listed in by_partition.values():
+            listed.sort(key=lambda j: j.submitted_at, reverse=True)
+            kept.update((j.job_id, j) for j in listed[:most])
+        self._jobs = kept
+
+    def outlook(self, policy: PolicySettings) -> QueueOutlook | None:
+        """The arrivals in the pool's partitions, in whole nodes of its size; None if the policy
+        has no warm reserve (then `decide()` decides exactly as without one)."""
+        if not warms(policy):
+            return None
+        wanted, per_node = policy.partitions, policy.cores_per_node
+        return QueueOutlook(
+            tuple(
+                (job.submitted_at, max(job.nodes, math.ceil(job.cores / per_node)))
+                for job in self._jobs.values()
+                if wanted is None or job.partition in wanted
+            )
+        )
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 
@@ -255,6 +348,7 @@ class Decider:
         self._policy_problems: dict[str, str | None] = {}
         self._reread = False
         self._parsed: tuple[datetime | None, QueueSnapshot] | None = None
+        self.arrivals = RecentArrivals()  # for the pools with a warm reserve
 
     async def step(self) -> Decision | None:
         """One pass: decide and act for each pool, or explain (in `blocked`) why not. Returns the
@@ -284,6 +378,13 @@ class Decider:
                 rows = group_by_pool(pool)
                 policies = await load_policies(conn, self.default, rows)
             self.blocked = None
+            warming = [r.policy for r in policies.values() if warms(r.policy)]
+            self.arrivals.observe(
+                snapshot,
+                now,
+                max((p.warm_window_seconds for p in warming), default=0.0),
+                max((p.warm_max_nodes for p in warming), default=0),
+            )
             backoff = self.settings.refusal_backoff_seconds
             decisions: dict[str, Decision] = {}
             touched = False
@@ -300,11 +401,14 @@ class Decider:
                     for row, view in members
                     if not held_back(row, now, backoff)
                 ]
-                decision = decide(snapshot, views, self.billing, now, policy)
+                outlook = self.arrivals.outlook(policy)
+                decision = decide(snapshot, views, self.billing, now, policy, outlook)
                 decisions[name] = decision
                 acts = self._plan(decision, snapshot)
                 if acts:
-                    touched |= await self._act(name, policy, decision, snapshot, views, acts)
+                    touched |= await self._act(
+                        name, policy, decision, snapshot, views, acts, outlook
+                    )
             self._reread = touched
             self.by_pool = decisions
             self.last = together(decisions.values(), now)
@@ -347,6 +451,7 @@ class Decider:
         snapshot: QueueSnapshot,
         views: Sequence[PoolNodeView],
         acts: list[_Act],
+        outlook: QueueOutlook | None = None,
     ) -> bool:
         """Act on one pool's decision; True if anything was asked of the scheduler."""
         decision_id = uuid.uuid4()
@@ -357,7 +462,7 @@ class Decider:
                 decision_id,
                 "policy",
                 f"pool {pool}: {decision.summary}",
-                _inputs(pool, policy, decision, snapshot, views, self.settings),
+                _inputs(pool, policy, decision, snapshot, views, self.settings, outlook),
                 acts,
             )
             for kind, change in _NODE_CHANGES.items():
@@ -540,11 +645,20 @@ def _inputs(
     snapshot: QueueSnapshot,
     views: Sequence[PoolNodeView],
     settings: AutogrowSettings,
+    outlook: QueueOutlook | None = None,
 ) -> dict[str, Any]:
-    """What a decision was made on, in numbers (the full snapshot is kept once, as the queue)."""
+    """What a decision was made on, in numbers (the full snapshot is kept once, as the queue;
+    with a warm reserve, the arrivals it was sized by)."""
     power: dict[str, int] = {}
     for view in views:
         power[view.power.value] = power.get(view.power.value, 0) + 1
+    warm: dict[str, Any] = {}
+    if outlook is not None:
+        at = decision.at
+        warm["warm_reserve_nodes"] = warm_reserve(outlook, at, policy)[0]
+        warm["recent_arrivals"] = sorted(
+            ([when.isoformat(), nodes] for when, nodes in outlook.arrivals), reverse=True
+        )
     return {
         "pool": pool,
         "mode": settings.mode,
@@ -557,4 +671,5 @@ def _inputs(
         "pool_power": power,
         "recheck_at": None if decision.recheck_at is None else decision.recheck_at.isoformat(),
         "policy": policy.model_dump(mode="json"),
+        **warm,
     }

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from operator import attrgetter
+from typing import Annotated, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -76,8 +77,28 @@ class QueueOutlook:
     arrivals: tuple[tuple[datetime, int], ...] = ()
 
 
+# a restart's risk beyond its bill, for the reservation rule (README, "What hpcfleet's policy
+# costs"): high enough that stopping nodes behind a blocked job adds fewer starts than it saves
+RESERVED_RISK_SECONDS = 24 * 3600.0
+
+
+BillingOverride = Annotated[
+    BillingModel | None,
+    Field(
+        description="Bill the nodes this way (per-second or hourly) whatever their image says, "
+        "for the power decisions and the cost; None: by the image's billing model. The "
+        "service's setting holds for every pool without its own."
+    ),
+]
+"""The billing override, declared once: a pool's policy (`PoolPolicy.billing`, the API's JSON)
+and the service's default (`AutogrowSettings.billing`, `HPCFLEET_AUTOGROW_BILLING`) both use it."""
+
+
 class PolicySettings(BaseModel):
-    """The editable knobs of one pool's policy."""
+    """The editable knobs of one pool's policy, declared once: the service's settings nest them
+    (`AutogrowSettings.policy`, `HPCFLEET_AUTOGROW_POLICY__<KNOB>`), the per-pool policy API
+    inherits them (`PoolPolicy`, the JSON of `/autogrow/policies/{pool}`), the simulator builds
+    them; a knob added here is in all three at once."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -125,6 +146,20 @@ class PolicySettings(BaseModel):
     boot_timeout_seconds: float = Field(
         default=1800.0, gt=0, description="A node not registered by then is powered off."
     )
+    reserved_risk_seconds: float | None = Field(
+        default=RESERVED_RISK_SECONDS,
+        ge=0,
+        description="Needs the scheduler's reservation for the first waiting job. A node kept idle "
+        "for it goes down if idling until `reserved_wake_seconds` before it costs more than the "
+        "restart's bill plus this many node-seconds: what a start risks beyond its bill (it may "
+        "fail; a job that starts early waits its boot; one more start). None: never.",
+    )
+    reserved_wake_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Nodes kept off for the first waiting job's reservation are powered on this "
+        "long before it starts: their boot, so the job waits no longer.",
+    )
     partitions: frozenset[str] | None = Field(
         default=None, description="Partitions the pool serves; None: all of them."
     )
@@ -138,8 +173,11 @@ class PolicySettings(BaseModel):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class NodeAction:
+class NodeAction(NamedTuple):
+    """One node to act on, and why. A named tuple, not a frozen dataclass: a call may return
+    thousands, a frozen dataclass sets each field through `object.__setattr__`, and a tuple of
+    strings is dropped from the collector's watch after its first collection."""
+
     node_id: str
     scheduler_name: str
     reason: str
@@ -306,6 +344,17 @@ def decide(
 
     demand = demand_nodes(snapshot, settings)
     supply = len(idle) + booting
+    # nodes kept for the first waiting job's reservation, far ahead: stay off, or go if it pays
+    held, backfill, lead, stop_held_in = held_for_reservation(
+        snapshot, now, billing, settings, idle
+    )
+    keep_off = max(min(held, len(stopped) - backfill), 0)
+    # none while a job behind it could start on a node that were up: start one, stop none
+    stop_held = min(held - keep_off, len(idle)) if stop_held_in > 0 and not backfill else 0
+    if keep_off:  # to be woken a boot before the start
+        soonest = min(soonest, lead - settings.reserved_wake_seconds)
+    if stop_held:
+        soonest = min(soonest, stop_held_in)
     warm, warm_changes = warm_reserve(outlook, now, settings)
     warm_why = ""
     if warm:
@@ -319,6 +368,7 @@ def decide(
         wanted = demand + warm - supply
     if settings.max_running is not None:
         wanted = min(wanted, settings.max_running - committed)
+    wanted = min(wanted, len(stopped) - keep_off)
     if wanted > 0 and stopped:
         _sort_for_power_on(stopped)
         if warming:
@@ -335,10 +385,13 @@ def decide(
                 power_on.append(_action(node, reason))
 
     drain: list[NodeAction] = []
-    # how many idle nodes may go depends on demand and supply only, never on the time; the last
-    # `warm` of them in power-off order (the most lately idle) are the warm reserve
+    # how many idle nodes may go depends on demand and supply only, and on whether stopping
+    # those kept for a far reservation pays; the last `warm` of them in power-off order (the
+    # most lately idle) are the warm reserve
     may_go = min(supply - demand, len(idle), committed - settings.min_running)
     cold = may_go - warm  # the first this many in power-off order are not in the reserve
+    if stop_held:
+        may_go = min(max(may_go, 0) + stop_held, len(idle), committed - settings.min_running)
     order: Sequence[int] = range(len(idle))
     if may_go > 0:
         order = sorted(order, key=lambda i: _power_off_order(idle[i], idle_for[i]))
@@ -356,6 +409,8 @@ def decide(
                 resume.append(_action(node, why))
             continue
         may_go -= 1
+        if may_go < stop_held:  # beyond what demand leaves spare: kept for the reservation
+            due = f"kept for the first waiting job, which starts in {lead:.0f} s; {due}"
         if node.retiring:
             due = "retiring; " + due
         if node.drain_requested and drained[i]:
@@ -375,6 +430,33 @@ def decide(
     )
 
 
+def held_for_reservation(
+    snapshot: QueueSnapshot,
+    now: datetime,
+    billing: BillingRules,
+    settings: PolicySettings,
+    idle: Sequence[PoolNodeView],
+) -> tuple[int, int, float, float]:
+    """Nodes the scheduler keeps idle or off for the first waiting job's reservation while it
+    starts more than a boot ahead (0 otherwise: they are wanted like any waiting job's), the
+    stopped nodes jobs behind it could backfill on at once (these are started), the seconds
+    until it starts, and the seconds during which stopping such an idle node still pays
+    (0: it does not): idling until a boot before the start must cost more than the restart's
+    bill plus its risk (`reserved_risk_seconds`). Under hourly billing the restart's bill is a
+    whole hour, so only a far reservation pays."""
+    reservation = snapshot.reservation
+    risk = settings.reserved_risk_seconds
+    if reservation is None or not reservation.held or risk is None:
+        return 0, 0, math.inf, 0.0
+    wake = settings.reserved_wake_seconds
+    lead = (reservation.start - now).total_seconds()
+    if lead <= wake:
+        return 0, 0, lead, 0.0
+    model = idle[0].billing if idle else BillingModel.PER_SECOND
+    pays_for = lead - wake - paid_seconds(model, wake, billing) - risk
+    return reservation.held, reservation.backfill, lead, max(pays_for, 0.0)
+
+
 _TOOK_A_JOB = "took a job before the drain; keep it working"
 _NOT_DUE = "idle, not due to go down yet: take jobs again"
 _WANTED = "idle, wanted by jobs or min_running: take jobs again"
@@ -389,20 +471,23 @@ def _sort_for_power_on(stopped: list[PoolNodeView]) -> None:
     """Non-retiring first, then the freshest image, then by id for a stable choice.
 
     Three stable sorts on plain keys rather than one on a tuple per node: a tuple per stopped
-    node is thousands of collector-tracked objects a call, which is what made calls slow.
+    node is thousands of collector-tracked objects a call, which is what made calls slow. The
+    image dates are compared as they are, by a key in C (a Python key function turning each into
+    a number was a fifth of a call); nodes with no known image date go after the dated ones.
     """
     stopped.sort(key=_node_id)
-    stopped.sort(key=_built, reverse=True)
+    dated = [node for node in stopped if node.image_built_at is not None]
+    if dated:
+        dated.sort(key=_built_at, reverse=True)  # stable, reverse or not
+        if len(dated) < len(stopped):
+            dated += [node for node in stopped if node.image_built_at is None]
+        stopped[:] = dated
     stopped.sort(key=_retiring)
 
 
 _node_id = attrgetter("node_id")
 _retiring = attrgetter("retiring")
-
-
-def _built(node: PoolNodeView) -> float:
-    built = node.image_built_at
-    return -math.inf if built is None else built.timestamp()
+_built_at = attrgetter("image_built_at")
 
 
 def _power_off_order(node: PoolNodeView, idle_for: float) -> tuple[bool, bool, float, float, str]:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.autogrow.policy import PolicySettings
+from services.autogrow.policy import BillingOverride, PolicySettings
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.tables import nodes, policies
 from shared.events import BillingModel
@@ -36,11 +36,7 @@ class PoolPolicy(PolicySettings):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    billing: BillingModel | None = Field(
-        default=None,
-        description="Bill this pool's nodes this way (per-second or hourly) whatever their image "
-        "says, for the power decisions and the cost; None: by the image's billing model.",
-    )
+    billing: BillingOverride = None
 
 
 @dataclass(frozen=True)

@@ -396,6 +396,9 @@ def make_handlers(
             if tx is None:
                 return
             row = await _node_row(tx.conn, message.node_id)
+            if message.provisioning:  # a new node's first boot: billed, but no node for jobs
+                await record_boot(tx.conn, message, row, default)
+                return  # its NodeProvisioned makes it one (stopped); the policy is not changed
             if not _newer(message, row):
                 return  # older news than what is recorded
             values: dict[str, Any] = {
@@ -496,6 +499,21 @@ def make_handlers(
         ImageReady.name(): on_image_ready,
         QueueDepthChanged.name(): on_queue_depth_changed,
     }
+
+
+async def record_boot(
+    conn: AsyncConnection,
+    message: NodePowerChanged,
+    row: Mapping[Any, Any] | None,
+    default: PoolPolicy,
+) -> None:
+    """A provisioning boot's power change, for the cost alone: the interval is opened or closed
+    as any run's, with the billing a run of the node's pool has, but the node's row (what the
+    policy decides on) is neither made nor changed, so the policy never counts a node that is
+    still booting for the pool as one jobs can run on."""
+    pool = row["pool"] if row is not None else DEFAULT_POOL
+    billing = await billing_of(conn, pool, default) or message.billing
+    await record_power(conn, message.node_id, message.state, message.since, billing)
 
 
 async def note_refusal(conn: AsyncConnection, refused: PowerRefused) -> None:
@@ -614,7 +632,9 @@ def assemble(
     interval = settings.poll_interval
     # the loops and the parts that kick them refer to each other; the lambdas bind late
     watcher = QueueWatcher(scheduler, mailbox, on_change=lambda: decide_loop.kick())
-    watch_loop = ReconcileLoop("autogrow.watch", watcher.poll, interval=interval, clock=clock)
+    watch_loop = ReconcileLoop(
+        "autogrow.watch", watcher.poll, interval=interval, clock=clock, fixed_rate=True
+    )
 
     def on_hook() -> None:
         watch_loop.kick()

@@ -12,9 +12,8 @@ import hostlist
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.autogrow.policy import PolicySettings
+from services.autogrow.policy import BillingOverride, PolicySettings
 from services.autogrow.swf import BUNDLED_TRACES
-from shared.events import BillingModel
 
 Mode = Literal["hpcfleet-decides", "slurm-decides"]
 SchedulerKind = Literal["slurm", "simulated"]
@@ -64,11 +63,7 @@ class AutogrowSettings(BaseSettings):
         description="The power policy of every pool without its own (PUT /autogrow/policies/...); "
         "a pool's own policy overrides only the knobs it names.",
     )
-    billing: BillingModel | None = Field(
-        default=None,
-        description="Bill every pool's nodes this way (per-second or hourly) instead of by their "
-        "image's billing model, unless a pool's own policy says otherwise; None: the image's.",
-    )
+    billing: BillingOverride = None  # the same knob as a pool's own `billing`
     slurm_bin_dir: Path | None = Field(
         default=None, description="Where squeue, sinfo and scontrol are; default: on PATH."
     )

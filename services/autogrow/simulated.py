@@ -11,6 +11,14 @@ alike. Times inside are float seconds since `origin`, the instant trace second 0
 EASY (Lifka 1995): the first waiting job gets a reservation at the earliest time enough nodes free
 up, planned with requested run times; a later job may start now only if it ends by then or uses
 nodes the first job will not need.
+
+Power saving (`resume_seconds`, as Slurm's SuspendProgram/ResumeProgram): a node that runs no job
+and cannot take one now (powered off, booting, or drained to be powered off) still counts in the
+reservation, as available `resume_seconds` from now, the way Slurm plans jobs over powered-down
+nodes and resumes them. So a power policy may stop nodes the first job waits for without the job
+losing its reservation; the snapshot tells it that reservation (`HeadReservation`): when, and how
+many of its nodes are kept idle or off for it rather than freed by running jobs by then. The job
+itself starts only on nodes that are up: bringing the others up is the power policy's part.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from itertools import islice
 from services.autogrow.swf import SwfJob
 from shared.clock import Clock
 from shared.scheduler import (
+    MAX_SUBMISSIONS,
+    HeadReservation,
+    JobSubmission,
     NodeActivity,
     PartitionDemand,
     QueueSnapshot,
@@ -89,9 +100,13 @@ class SimulatedScheduler:
         cores_per_node: int,
         origin: datetime | None = None,
         partition: str = "batch",
+        resume_seconds: float | None = None,
     ) -> None:
         if cores_per_node < 1:
             raise ValueError("cores_per_node must be at least 1")
+        if resume_seconds is not None and resume_seconds < 0:
+            raise ValueError("resume_seconds must be >= 0")
+        self.resume_seconds = resume_seconds  # None: no power saving, off nodes are not planned
         self._clock = clock
         self.origin = clock.now() if origin is None else origin
         self.partition = partition
@@ -125,6 +140,7 @@ class SimulatedScheduler:
         self._free_heap: list[int] = []  # indexes of free nodes, plus stale ones skipped on pop
         self._free = 0  # nodes available now
         self._busy_drained = 0  # drained nodes still running a job: they free nothing at its end
+        self._allocated = 0  # nodes running a job; the rest are free now or resumable
         self._running = 0
         self._node_views: tuple[SchedulerNode, ...] | None = None  # None: a node changed since
         self._stale: list[_Node] = []  # nodes whose view changed since `_node_views`
@@ -153,6 +169,11 @@ class SimulatedScheduler:
     def running_jobs(self) -> int:
         return self._running
 
+    @property
+    def free_nodes(self) -> int:
+        """Nodes up, not drained and running no job."""
+        return self._free
+
     def recent_arrivals(self, seconds: float) -> tuple[tuple[datetime, int], ...]:
         """(submit time, whole nodes) of the jobs submitted in the last `seconds`, newest first:
         what squeue and sacct tell a live service about recent submissions."""
@@ -164,6 +185,28 @@ class SimulatedScheduler:
             found.append((self._at(jobs[i].submit), jobs[i].nodes_needed))
             i -= 1
         return tuple(found)
+
+    def submissions(self, limit: int = MAX_SUBMISSIONS) -> tuple[JobSubmission, ...]:
+        """The newest `limit` jobs that arrived, newest first, as a live scheduler lists them in
+        the snapshot the service reads (`listed_snapshot`)."""
+        self._catch_up()
+        jobs, first = self.jobs, max(0, self._next_arrival - limit)
+        return tuple(
+            JobSubmission.model_construct(
+                job_id=str(job.job_id),
+                partition=self.partition,
+                submitted_at=self._at(job.submit),
+                nodes=job.nodes_needed,
+                cores=job.procs,
+            )
+            for job in reversed(jobs[first : self._next_arrival])
+        )
+
+    def listed_snapshot(self) -> QueueSnapshot:
+        """`take_snapshot` with the latest `submissions`: what the service's watcher reads. The
+        trace simulator's engine takes the plain one and asks `recent_arrivals` directly."""
+        snapshot = self.take_snapshot()
+        return snapshot.model_copy(update={"submissions": self.submissions()})
 
     # ---- power and drain, from outside --------------------------------------------------------
 
@@ -206,8 +249,9 @@ class SimulatedScheduler:
                 self._settle(node)
         self._schedule()
 
-    def take_snapshot(self) -> QueueSnapshot:
-        """The queue and the nodes at the clock's now, synchronously."""
+    def take_snapshot(self, with_nodes: bool = True) -> QueueSnapshot:
+        """The queue and the nodes at the clock's now, synchronously (the queue alone, as squeue
+        tells it, without `with_nodes`)."""
         self._catch_up()
         head = self._queue[0] if self._queue else None
         demand = PartitionDemand(
@@ -223,13 +267,50 @@ class SimulatedScheduler:
             taken_at=self._clock.now(),
             partitions=(demand,),
             running_jobs=self._running,
-            nodes=self._views(),
+            nodes=self._views() if with_nodes else (),
+            reservation=None if head is None else self.head_reservation(),
+        )
+
+    def head_reservation(self) -> HeadReservation | None:
+        """The first waiting job's reservation, with power saving on (None without, or with no
+        job waiting): when it starts at the latest and how many nodes are kept for it."""
+        self._catch_up()
+        if self.resume_seconds is None or not self._queue:
+            return None
+        queue = self._queue
+        head = queue[0]
+        start, extra, released = self._plan(head)
+        if start == _INF:
+            return None
+        off = len(self._by_index) - self._allocated  # nodes that run no job
+        held = min(max(head.nodes_needed - released, 0), off)
+        # the jobs behind it that EASY would start now if every node were up: nodes to power on
+        wanted = 0
+        if off > self._free:
+            now, room = self._now, off
+            for job in islice(queue, 1, None):
+                need = job.nodes_needed
+                if need > room:
+                    continue
+                if now + job.estimate > start:
+                    if need > extra:
+                        continue
+                    extra -= need
+                room -= need
+                wanted += need
+                if room == 0:
+                    break
+        return HeadReservation.model_construct(
+            start=self._at(start),
+            nodes=head.nodes_needed,
+            held=held,
+            backfill=max(wanted - self._free, 0),
         )
 
     # ---- the Scheduler interface --------------------------------------------------------------
 
     async def snapshot(self) -> QueueSnapshot:
-        return self.take_snapshot()
+        return self.listed_snapshot()
 
     async def nodes(self) -> Sequence[SchedulerNode]:
         self._catch_up()
@@ -308,7 +389,7 @@ class SimulatedScheduler:
             if job.nodes_needed > self._free:
                 continue
             if shadow < 0:
-                shadow, extra = self._reservation(head)
+                shadow, extra, _ = self._plan(head)
                 if head.reservation is None and shadow != _INF:
                     head.reservation = shadow
             if now + job.estimate > shadow:  # still running at the reservation: spare nodes only
@@ -322,26 +403,47 @@ class SimulatedScheduler:
         if backfilled:
             queue[:] = [job for job in queue if job.start is None]
 
-    def _reservation(self, head: SimulatedJob) -> tuple[float, int]:
-        """When the head job can start at the latest, and how many nodes it leaves free then.
+    def _plan(self, head: SimulatedJob) -> tuple[float, int, int]:
+        """When the head job can start at the latest, how many nodes it leaves free then, and
+        how many nodes running jobs free by then.
 
         Running jobs are assumed to run their full estimate, so the head starts by this time
-        whatever jobs backfill under the rule. With too few nodes up it can never be reserved
-        (infinite), and backfilling is unrestricted until more nodes come up.
+        whatever jobs backfill under the rule. With power saving, the nodes that run no job and
+        are not free now join `resume_seconds` from now. Without it, with too few nodes up the
+        head can never be reserved (infinite), and backfilling is unrestricted until more nodes
+        come up.
         """
         free = self._free
         need = head.nodes_needed
         planned = self._planned
         exact = self._busy_drained == 0
+        released = 0
+        resumable = 0  # joins at `resumed_at`
+        resumed_at = _INF
+        if self.resume_seconds is not None:
+            resumable = len(self._by_index) - free - self._allocated
+            if resumable:
+                resumed_at = self._now + self.resume_seconds
         for i, (end, _, job) in enumerate(planned):
-            free += job.nodes_needed if exact else self._releasable(job)
+            if resumed_at <= end:
+                free += resumable
+                if free >= need:
+                    return resumed_at, free - need, released
+                resumed_at = _INF
+            freed = job.nodes_needed if exact else self._releasable(job)
+            free += freed
+            released += freed
             if free >= need:
                 for later_end, _, later in islice(planned, i + 1, None):
                     if later_end != end:
                         break
-                    free += later.nodes_needed if exact else self._releasable(later)
-                return end, free - need
-        return _INF, 0
+                    freed = later.nodes_needed if exact else self._releasable(later)
+                    free += freed
+                    released += freed
+                return end, free - need, released
+        if resumed_at != _INF and free + resumable >= need:
+            return resumed_at, free + resumable - need, released
+        return _INF, 0, released
 
     def _releasable(self, job: SimulatedJob) -> int:
         return sum(not self._nodes[name].drained for name in job.nodes)
@@ -366,6 +468,7 @@ class SimulatedScheduler:
         job.start = now
         job.end = now + job.run_time
         job.nodes = tuple(taken)
+        self._allocated += len(taken)
         heapq.heappush(self._completions, (job.end, job.seq, job.interruptions, job))
         insort(self._planned, (now + job.estimate, job.seq, job))
         self._pending_cores -= job.procs
@@ -378,6 +481,7 @@ class SimulatedScheduler:
         planned = self._planned
         del planned[bisect_left(planned, (job.start + job.estimate, job.seq))]
         self._running -= 1
+        self._allocated -= len(job.nodes)
         nodes = self._nodes
         for name in job.nodes:
             node = nodes[name]
@@ -466,7 +570,7 @@ class SimulatedScheduler:
             activity = NodeActivity.BUSY
         else:
             activity = NodeActivity.IDLE
-        node.view = SchedulerNode(
+        node.view = SchedulerNode.model_construct(  # from this class's own checked state
             name=node.name,
             activity=activity,
             cpus=cores,

@@ -25,6 +25,7 @@ Slurm's node names map to pool nodes through a tag the pool puts on each instanc
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +37,14 @@ from typing import Any
 import hostlist
 
 from shared.clock import Clock, SystemClock
-from shared.scheduler import NodeActivity, PartitionDemand, QueueSnapshot, SchedulerNode
+from shared.scheduler import (
+    MAX_SUBMISSIONS,
+    JobSubmission,
+    NodeActivity,
+    PartitionDemand,
+    QueueSnapshot,
+    SchedulerNode,
+)
 
 DEFAULT_TIMEOUT = 15.0
 """Seconds a Slurm command may take; clients retry an unreachable controller for about 9 s."""
@@ -288,6 +296,28 @@ def _waiting(job: SlurmJob, up: frozenset[str]) -> bool:
     return job.state == "CONFIGURING" and not (job.nodes and set(job.nodes) <= up)
 
 
+def job_submissions(
+    jobs: Iterable[SlurmJob], limit: int = MAX_SUBMISSIONS
+) -> tuple[JobSubmission, ...]:
+    """The newest `limit` jobs squeue lists, in any state (a job that already ran came all the
+    same), newest first. An array is one submission: its pending record and its started tasks
+    (each a record of its own) together, so that a task starting does not count as a new job."""
+    merged: dict[int, list[Any]] = {}  # job or array id -> [partition, submitted, nodes, cores]
+    for job in jobs:
+        if job.submitted is None:
+            continue
+        key = job.array_job_id if job.array_job_id is not None else job.job_id
+        entry = merged.setdefault(key, [job.partition, job.submitted, 0, 0])
+        entry[1] = min(entry[1], job.submitted)
+        entry[2] += job.tasks * job.node_count
+        entry[3] += job.tasks * job.cpus
+    newest = heapq.nlargest(limit, merged.items(), key=lambda item: (item[1][1], item[0]))
+    return tuple(
+        JobSubmission(job_id=str(key), partition=part, submitted_at=at, nodes=nodes, cores=cores)
+        for key, (part, at, nodes, cores) in newest
+    )
+
+
 def queue_snapshot(
     squeue: Mapping[str, Any], sinfo: Mapping[str, Any], taken_at: datetime
 ) -> QueueSnapshot:
@@ -349,6 +379,7 @@ def queue_snapshot(
         partitions=demand,
         running_jobs=running,
         nodes=tuple(n.view() for n in sorted(nodes, key=lambda n: n.name)),
+        submissions=job_submissions(jobs),
     )
 
 
@@ -417,8 +448,16 @@ class SlurmScheduler:
 
     async def snapshot(self) -> QueueSnapshot:
         taken_at = self._clock.now()
-        squeue = load_json(await self._run("squeue", "--json"), "squeue --json")
-        sinfo = load_json(await self._run("sinfo", "--json"), "sinfo --json")
+        # both at once (a poll's time is a waiting job's), and neither left running on a failure
+        jobs, nodes = await asyncio.gather(
+            self._run("squeue", "--json"), self._run("sinfo", "--json"), return_exceptions=True
+        )
+        for failed in (jobs, nodes):
+            if isinstance(failed, BaseException):
+                raise failed
+        assert isinstance(jobs, str) and isinstance(nodes, str)
+        squeue = load_json(jobs, "squeue --json")
+        sinfo = load_json(nodes, "sinfo --json")
         return queue_snapshot(squeue, sinfo, taken_at)
 
     async def nodes(self) -> Sequence[SchedulerNode]:

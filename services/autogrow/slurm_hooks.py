@@ -12,27 +12,26 @@ With API auth on (production), the hook first gets a token from auth as the ``sl
 it expires, so most calls are one request. The hook path is latency-critical (a job waits on it),
 so this module imports only the standard library and python-hostlist: run it as
 ``python -m services.autogrow.slurm_hooks`` from Slurm's wrapper script, which starts in a tenth of
-the time the whole ``hpcfleet`` command takes.
+the time the whole ``hpcfleet`` command takes. Of the standard library, only what every call needs
+is imported up front (``http.client`` rather than ``urllib.request``, which brings in tempfile,
+random and compression modules; no dataclasses, which brings in inspect and ast); what only a new
+token needs is imported when one is fetched. ``python -X importtime -m
+services.autogrow.slurm_hooks --help`` shows what it costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
 import http.client
 import json
 import os
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hostlist import BadHostlist, expand_hostlist
 
@@ -52,13 +51,15 @@ class HookError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
 class ClientCredentials:
     """Where to get a token for the hook, and as whom."""
 
-    auth_url: str
-    secret_file: Path
-    client_id: str = CLIENT_ID
+    __slots__ = ("auth_url", "client_id", "secret_file")
+
+    def __init__(self, auth_url: str, secret_file: Path, client_id: str = CLIENT_ID) -> None:
+        self.auth_url = auth_url
+        self.secret_file = secret_file
+        self.client_id = client_id
 
 
 def hook_main(
@@ -190,6 +191,8 @@ def _cached_token(path: Path, fingerprint: str, now: float) -> str | None:
 
 def _store_token(path: Path, fingerprint: str, token: str, expires_at: float) -> None:
     """Write the cache atomically with mode 0600; a directory we may not write means no cache."""
+    import tempfile  # once per token, not per call
+
     entry = {"fingerprint": fingerprint, "access_token": token, "expires_at": expires_at}
     try:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -211,9 +214,12 @@ def _forget(credentials: ClientCredentials) -> None:
 
 def _fetch_token(credentials: ClientCredentials, secret: str) -> tuple[str, float]:
     """A fresh token from auth's client-credentials grant, and its lifetime in seconds."""
+    import base64  # once per token, not per call
+    from urllib.parse import urlencode
+
     url = f"{credentials.auth_url.rstrip('/')}/auth/token"
     basic = base64.b64encode(f"{credentials.client_id}:{secret}".encode()).decode()
-    body = urllib.parse.urlencode({"grant_type": "client_credentials"}).encode()
+    body = urlencode({"grant_type": "client_credentials"}).encode()
     headers = {
         "Content-Type": "application/x-www-form-urlencoded",
         "Authorization": f"Basic {basic}",
@@ -241,21 +247,24 @@ def _fetch_token(credentials: ClientCredentials, secret: str) -> tuple[str, floa
 
 def _post(url: str, body: bytes, headers: dict[str, str], what: str) -> tuple[int, bytes]:
     """POST and return the status and body; an unreachable server is a `HookError`."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    parts = urlsplit(url)
+    kinds = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnection}
+    kind = kinds.get(parts.scheme)
+    if kind is None or not parts.hostname:
+        raise HookError(f"could not reach {what} at {url}: not an http(s) URL")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection = kind(parts.hostname, parts.port, timeout=TIMEOUT)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, exc.read()
-        except OSError:
-            return exc.code, b""
-        finally:
-            exc.close()
-    except urllib.error.URLError as exc:
-        raise HookError(f"could not reach {what} at {url}: {exc.reason}") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except OSError as exc:
+        reason = str(exc) if exc.errno is not None else f"{type(exc).__name__}: {exc}"
+        raise HookError(f"could not reach {what} at {url}: {reason}") from None
+    except (http.client.HTTPException, ValueError) as exc:
         raise HookError(f"could not reach {what} at {url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        connection.close()
 
 
 def _one_line(answer: bytes) -> str:

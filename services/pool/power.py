@@ -17,12 +17,19 @@ the next pass); a termination too, since a row marked terminated over a running 
 left alone by the planner. A redelivered command finds the nodes already moving and only reports.
 `NodePowerChanged.since` is when the instance entered the state; for `running` the pass reports it
 once EC2 says so, with EC2's time: billing starts there.
+
+A job waits on PowerOn, so its common case asks EC2 one thing: a node whose row says stopped is
+started without describing it first. The row is only ever behind EC2 by a state change the next
+pass records, and EC2 checks the state itself: starting a running or pending instance does
+nothing, and an instance that cannot start (stopping, gone) is refused with an error, after which
+that node is described and decided on as it really is. Every other case, and every PowerOff (which
+may terminate), describes first.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -45,7 +52,7 @@ from services.pool.records import (
 )
 from services.pool.spec import PoolSpec
 from services.pool.tables import MAILBOX
-from shared.cloud import CloudError, Instance, Throttled
+from shared.cloud import CloudError, Throttled
 from shared.events import (
     BillingModel,
     Event,
@@ -146,12 +153,35 @@ class PowerDesk:
         if self.ec2 is None:
             decisions = [_Decision(n, None, refusal=self.unavailable) for n in targets]
         else:
-            live = [n.record.instance_id for n in targets if n.record.state not in GONE]
-            seen = await self.ec2.instances([i for i in live if i is not None])
+            trusted = {n.record.node_id for n in targets if _startable(message, n)}
+            ask = [n for n in targets if n.record.node_id not in trusted]
+            seen = _as_recorded(rows[n] for n in trusted) | await self._observe(ask)
             decisions = _decide(message, spec, rows, targets, seen, busy, taken_at, now)
             decisions = await self._act(decisions)
+            doubted = [
+                d.node
+                for d in decisions
+                if d.refusal is not None and d.node.record.node_id in trusted
+            ]
+            if doubted:  # refused what the rows said was stopped: look, and decide again
+                for node in doubted:
+                    del seen[_instance_of(node)]  # absent from EC2's answer: gone
+                seen |= await self._observe(doubted)
+                again = {n.record.node_id for n in doubted}
+                redo = _decide(message, spec, rows, targets, seen, busy, taken_at, now)
+                redo = [d for d in redo if d.node.record.node_id in again]
+                redone = {d.node.record.node_id: d for d in await self._act(redo)}
+                decisions = [redone.get(d.node.record.node_id, d) for d in decisions]
         await self._record(message, decisions)
         return [n for n in node_ids if n not in rows]
+
+    async def _observe(self, targets: Sequence[Node]) -> dict[str, Observed]:
+        assert self.ec2 is not None
+        live = [n.record.instance_id for n in targets if n.record.state not in GONE]
+        if not live:
+            return {}
+        seen = await self.ec2.instances([i for i in live if i is not None])
+        return {i: (NodeState(s.state.value), s.state_since) for i, s in seen.items()}
 
     async def _act(self, decisions: list[_Decision]) -> list[_Decision]:
         """Ask EC2; a batch it refuses is asked node by node, and who still fails is refused."""
@@ -223,8 +253,35 @@ class PowerDesk:
             await update_rows(tx.conn, changes)
 
 
+Observed = tuple[NodeState, datetime | None]
+"""An instance's state and since when, as EC2 said or as its row says."""
+
+
+def _startable(message: PowerOn | PowerOff, node: Node) -> bool:
+    """Whether the row alone may decide: a PowerOn of a provisioned node recorded as stopped."""
+    record = node.record
+    return (
+        isinstance(message, PowerOn)
+        and record.provisioned
+        and record.state is NodeState.STOPPED
+        and record.instance_id is not None
+    )
+
+
+def _as_recorded(nodes: Iterable[Node]) -> dict[str, Observed]:
+    return {
+        n.record.instance_id: (n.record.state, n.record.since)
+        for n in nodes
+        if n.record.instance_id is not None
+    }
+
+
 def _instance(decision: _Decision) -> str:
-    instance_id = decision.node.record.instance_id
+    return _instance_of(decision.node)
+
+
+def _instance_of(node: Node) -> str:
+    instance_id = node.record.instance_id
     assert instance_id is not None
     return instance_id
 
@@ -234,7 +291,7 @@ def _decide(
     spec: PoolSpec,
     rows: dict[str, Node],
     targets: list[Node],
-    seen: dict[str, Instance],
+    seen: dict[str, Observed],
     busy: frozenset[str],
     taken_at: datetime | None,
     now: datetime,
@@ -253,9 +310,8 @@ def _decide(
     decisions = []
     for node in targets:
         record = node.record
-        instance = seen.get(record.instance_id or "")
-        state = NodeState(instance.state.value) if instance is not None else None
-        since = (instance.state_since if instance else None) or record.since
+        state, since = seen.get(record.instance_id or "", (None, None))
+        since = since or record.since
         old = old_reason(spec, node, now)
         if not record.provisioned:
             decisions.append(_Decision(node, None, refusal="not provisioned yet"))

@@ -1,7 +1,11 @@
 """The reconcile pass: observe each pool in EC2, `plan()`, act idempotently, record and announce.
 
 One pass per pool holds the pool's lock (see `locks`), so it never interleaves with a power
-command or another worker. Its steps, in the order that makes a crash anywhere safe:
+command or another worker. EC2's view is read before the lock is taken, so that a power command
+(a job waits on it) waits for a pass's book-keeping, not its describe; under the lock the pass
+uses that view only if the pool's rows are as they were when it was read (nobody acted since) and
+only for book-keeping: a plan that asks anything of EC2 is made again on a view read under the
+lock. Its steps, in the order that makes a crash anywhere safe:
 
 1. Observe: every instance with the pool's tag (and, for new nodes, whether they booted). A failed
    describe ends the pool's pass before anything is decided: a partial view reads as vanished nodes.
@@ -89,6 +93,7 @@ from shared.events import (
     NodeProvisioned,
     NodeRetired,
     NodeRetiring,
+    PowerState,
     RetireReason,
 )
 from shared.outbox import Mailbox, Transaction
@@ -120,7 +125,25 @@ class PassReport:
     clean: bool = True  # no call failed unexpectedly: acting again at once is worthwhile
 
 
+@dataclass(frozen=True)
+class Sighting:
+    """EC2's view of a pool read without its lock, and the pool's rows as they were just before."""
+
+    rows: dict[str, Node]
+    instances: list[Instance]
+    booted: set[str]
+
+
+def _asks_ec2(result: Plan) -> bool:
+    asks = Launch | Stop | Terminate | TerminateUntracked
+    return any(isinstance(action, asks) for action in result.actions)
+
+
 _OBSERVED = {state: NodeState(state.value) for state in InstanceState}  # no enum call per instance
+# A new node's first boot, as autogrow hears of it for the cost: up, and down again (see `_boot`)
+_BOOT_POWER = frozenset({PowerState.RUNNING, PowerState.STOPPING, PowerState.STOPPED})
+# Row states in which a new node's instance may be running, so that its going ends a billed boot
+_BOOTING = frozenset({NodeState.PENDING, NodeState.RUNNING, NodeState.STOPPING})
 
 
 def observe(instance: Instance, booted: set[str]) -> ObservedInstance:
@@ -180,8 +203,9 @@ class Reconciler:
         again = False
         for spec in specs:
             try:
+                early = await self.sight(spec.name)
                 async with self.locks.hold(spec.name):
-                    report = await self.reconcile_pool(spec.name)
+                    report = await self.reconcile_pool(spec.name, early)
             except PoolBusy:
                 log.debug("pool %s is being acted on elsewhere; skipped", spec.name)
                 continue
@@ -214,8 +238,32 @@ class Reconciler:
                     )
                 )
 
-    async def reconcile_pool(self, name: str) -> PassReport:
-        """Observe, plan and act for one pool; the caller holds the pool's lock."""
+    async def sight(self, name: str) -> Sighting | None:
+        """EC2's view of a pool, read without its lock; None if EC2 could not be asked (the pass
+        then asks under the lock, and reports what went wrong)."""
+        if self.ec2 is None:
+            return None
+        async with self.mailbox.engine.connect() as conn:
+            rows = await load_nodes(conn, name)
+        try:
+            return Sighting(rows, *await self._look(name, rows))
+        except CloudError:
+            return None
+
+    async def _look(self, name: str, rows: dict[str, Node]) -> tuple[list[Instance], set[str]]:
+        assert self.ec2 is not None
+        instances = await self.ec2.pool_instances(name)
+        provisioned = {n.record.instance_id for n in rows.values() if n.record.provisioned}
+        warming = [
+            i.instance_id
+            for i in instances
+            if i.state is InstanceState.RUNNING and i.instance_id not in provisioned
+        ]
+        return instances, await self.ec2.booted(warming)
+
+    async def reconcile_pool(self, name: str, early: Sighting | None = None) -> PassReport:
+        """Observe, plan and act for one pool; the caller holds the pool's lock. `early` is a view
+        read before the lock was taken, used if it still fits (see the module docstring)."""
         started = time.perf_counter()
         report = PassReport(name)
         async with self.mailbox.engine.connect() as conn:
@@ -228,25 +276,26 @@ class Reconciler:
             report.problems.append(self.unavailable)
             await self._record(spec, rows, report)
             return report
-        try:
-            instances = await self.ec2.pool_instances(name)
-            provisioned = {n.record.instance_id for n in rows.values() if n.record.provisioned}
-            warming = [
-                i.instance_id
-                for i in instances
-                if i.state is InstanceState.RUNNING and i.instance_id not in provisioned
-            ]
-            booted = await self.ec2.booted(warming)
-        except CloudError as error:
-            report.problems.append(f"cannot observe the pool in EC2, nothing done: {error}")
-            report.clean = False
-            await self._record(spec, rows, report)
-            raise
         now = self.mailbox.clock.now()
         async with self.mailbox.engine.connect() as conn:
             held = await load_backoffs(conn, name, now)
-        observed = [observe(i, booted) for i in instances]
-        result = plan(spec, [n.record for n in rows.values()], observed, now, backoffs=held)
+        result = None
+        if early is not None and early.rows == rows:
+            observed = [observe(i, early.booted) for i in early.instances]
+            result = plan(spec, [n.record for n in rows.values()], observed, now, backoffs=held)
+            if _asks_ec2(result):
+                result = None  # EC2 is asked only on a view read under the lock
+        if result is None:
+            try:
+                instances, booted = await self._look(name, rows)
+            except CloudError as error:
+                report.problems.append(f"cannot observe the pool in EC2, nothing done: {error}")
+                report.clean = False
+                await self._record(spec, rows, report)
+                raise
+            now = self.mailbox.clock.now()
+            observed = [observe(i, booted) for i in instances]
+            result = plan(spec, [n.record for n in rows.values()], observed, now, backoffs=held)
         report.problems.extend(result.problems)
         await _Pass(self, spec, rows, held, report).apply(result)
         await self._record(spec, rows, report)
@@ -295,6 +344,8 @@ class _Pass:
         self.rows = rows
         self.blocked = set(held)
         self.report = report
+        self._billing: dict[str, BillingModel] = {}  # by image, as `apply` read it
+        self._launched: dict[str, str] = {}  # node id -> scheduler name, of rows `_launch` wrote
 
     @cached_property
     def names(self) -> SchedulerNames:
@@ -311,7 +362,7 @@ class _Pass:
         stops: list[Stop] = []
         launches: list[Launch] = []
         async with self.mailbox.transaction() as tx:
-            billing = await billing_by_image(tx.conn)
+            billing = self._billing = await billing_by_image(tx.conn)
             changes: dict[str, dict[str, Any]] = {}
             for action in result.actions:
                 match action:
@@ -372,11 +423,16 @@ class _Pass:
                     launched_at=at,
                     last_error=None,
                 )
+                node = self.rows[node_id]
+                if not node.record.provisioned and state is NodeState.RUNNING:
+                    self._boot(tx, node.record, node.scheduler_node_name, PowerState.RUNNING, at)
             case RecordState(node_id=node_id, state=state, since=since):
                 changes.setdefault(node_id, {}).update(state=state.value, since=since)
                 node = self.rows[node_id]
                 power = POWER.get(state)
-                if node.record.provisioned and power is not None:
+                if not node.record.provisioned and power in _BOOT_POWER:
+                    self._boot(tx, node.record, node.scheduler_node_name, power, since)
+                elif node.record.provisioned and power is not None:
                     tx.emit(
                         NodePowerChanged(
                             occurred_at=tx.now,
@@ -396,6 +452,10 @@ class _Pass:
                 if node.record.provisioned and node.record.state not in GONE:
                     reason = retire or node.record.retiring or RetireReason.UNHEALTHY
                     self._retired(tx, node, reason)
+                elif node.record.state in _BOOTING:  # its instance went during the first boot
+                    self._boot(
+                        tx, node.record, node.scheduler_node_name, PowerState.STOPPED, tx.now
+                    )
             case MarkRetiring(node_id=node_id, instance_id=instance_id, retire=retire):
                 node = self.rows[node_id]
                 changes.setdefault(node_id, {})["retiring"] = retire.value
@@ -423,6 +483,8 @@ class _Pass:
         reason = action.retire or node.record.retiring
         if node.record.provisioned:
             self._retired(tx, node, reason or RetireReason.UNHEALTHY)
+        elif node.record.state in _BOOTING:  # terminated during its first boot: the boot ends
+            self._boot(tx, node.record, node.scheduler_node_name, PowerState.STOPPED, tx.now)
         changes.setdefault(action.node_id, {}).update(
             state=NodeState.SHUTTING_DOWN.value,
             since=tx.now,
@@ -437,6 +499,24 @@ class _Pass:
                 instance_id=node.record.instance_id,
                 reason=reason,
                 scheduler_node_name=node.scheduler_node_name,
+            )
+        )
+
+    def _boot(
+        self, tx: Transaction, record: NodeRecord, name: str, state: PowerState, since: datetime
+    ) -> None:
+        """A new node's first boot, before it is provisioned: EC2 bills it like any run, so
+        autogrow hears of it (running when first seen up, stopped when it ends), marked
+        `provisioning` so that it counts it for cost only, not as a node for jobs."""
+        tx.emit(
+            NodePowerChanged(
+                occurred_at=tx.now,
+                node_id=record.node_id,
+                state=state,
+                since=since,
+                scheduler_node_name=name,
+                billing=self._billing.get(record.image_id, BillingModel.PER_SECOND),
+                provisioning=True,
             )
         )
 
@@ -532,11 +612,12 @@ class _Pass:
                     params[action.node.node_id] = retried.get(action.node.node_id, launch)
                     continue
                 params[action.node.node_id] = launch
+                name = self._launched[action.node.node_id] = self.names.take()
                 new.append(
                     {
                         **record_values(action.node),
                         "pool": self.spec.name,
-                        "scheduler_node_name": self.names.take(),
+                        "scheduler_node_name": name,
                         "launch": launch,
                     }
                 )
@@ -575,6 +656,10 @@ class _Pass:
                 where = Placement(action.node.instance_type, action.node.zone)
                 if isinstance(outcome, Instance):
                     self._count(action)
+                    if outcome.state is InstanceState.RUNNING:  # first seen up: the boot is billed
+                        since = outcome.state_since or outcome.launch_time
+                        name = self._launched.get(node_id) or self.rows[node_id].scheduler_node_name
+                        self._boot(tx, action.node, name, PowerState.RUNNING, since)
                     done.append(
                         {
                             "node_id": node_id,

@@ -109,6 +109,7 @@ class Cluster:
             nodes=self.names,
             cores_per_node=config.cores_per_node,
             origin=origin,
+            resume_seconds=boot_delay,  # power saving: stopped nodes count in EASY's plan
         )
         self.boot_delay = boot_delay
         self.on_since: list[float | None] = [None] * config.nodes  # billing start, None: off
@@ -345,7 +346,9 @@ def _observe_by(
     At the next reconcile tick, with two exceptions that change no decision, only how often the
     policy is asked (`shortcuts=False` checks this). While the pool is saturated (jobs wait, every
     node is up and none boots), a queue-aware rule can neither start a node nor stop one the
-    waiting jobs want, and time changes nothing, so it need not look. While no job waits, and none
+    waiting jobs want, and time changes nothing, so it need not look (unless it stops idle nodes
+    kept for the first waiting job's reservation, `stops_held_nodes`, and one is idle). While no
+    job waits, and none
     did when it last looked (so every idle node it saw has its wake-up), a node freed since then
     cannot fall due before its idle limit counted from `unseen_since`: the policy reads idle times
     from the scheduler, not from when it looked.
@@ -359,7 +362,9 @@ def _observe_by(
         return tick
     if cluster.scheduler.pending_jobs == 0:
         return max(tick, unseen_since + patience) if seen_empty else tick
-    if not cluster.stopped and not cluster.booting:
+    # a policy that stops idle nodes kept for the first waiting job's reservation may act even so
+    stops_held = getattr(policy, "stops_held_nodes", False) and cluster.scheduler.free_nodes > 0
+    if not cluster.stopped and not cluster.booting and not stops_held:
         return _INF
     return tick
 

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from services.autogrow.policy import PolicySettings, PoolNodeView, QueueOutlook, decide
+from services.autogrow.policy import (
+    PolicySettings,
+    PoolNodeView,
+    QueueOutlook,
+    _ceil_timedelta,
+    decide,
+    demand_nodes,
+    held_for_reservation,
+)
 from services.simulator.engine import Cluster, Policy
 from shared.events import BillingModel, PowerState
 from shared.scheduler import NodeActivity, QueueSnapshot
@@ -215,6 +223,8 @@ class Hpcfleet:
     warm_pool = True
     reacts_to_queue = True
     interval: float | None = None
+    stops_held_nodes = True  # decide() may stop idle nodes kept for a far reservation
+    skip_idle_steps = True  # skip decide() where `_quiet_until` shows it does nothing
     PASSES = 4  # decide, act, look again: drains then power-offs settle within two passes
 
     def __init__(
@@ -227,12 +237,18 @@ class Hpcfleet:
         self.name = name
         self.tuning = tuning or {}  # settings beside the pool's cores, when none are given
         self.views: list[PoolNodeView] = []
+        self.draining: set[int] = set()  # nodes up or booting that autogrow drained
         self.wakes_on_arrival = False
 
     def setup(self, cluster: Cluster) -> None:
         config = cluster.config
         if self.settings is None:
-            self.settings = PolicySettings(cores_per_node=config.cores_per_node, **self.tuning)
+            self.settings = PolicySettings(
+                cores_per_node=config.cores_per_node,
+                reserved_wake_seconds=config.boot_seconds,
+                **self.tuning,
+            )
+        self.stops_held_nodes = self.settings.reserved_risk_seconds is not None
         self.wakes_on_arrival = self.settings.warm_starts and self.settings.warm_max_nodes > 0
         since = cluster.at(cluster.now)
         self.views = [
@@ -242,12 +258,15 @@ class Hpcfleet:
 
     def patience(self, cluster: Cluster) -> float:
         """Per-second billing: a node freed now is not due before the idle grace (`decide()`'s
-        rule); hourly billing: it may be due at once, in the last minutes of its paid hour."""
+        rule); hourly billing: it may be due at once, in the last minutes of its paid hour.
+
+        With a warm reserve, none: a node freed now joins the reserve (the most lately idle are
+        warm) and pushes the longest idle of it out, and that one is due at its own idle start
+        plus `idle_seconds`, which may be now."""
         assert self.settings is not None, "setup() first"
-        if cluster.config.billing is BillingModel.PER_SECOND:
-            settings = self.settings
-            if settings.warm_max_nodes and settings.warm_window_seconds:
-                return min(settings.idle_seconds, settings.warm_idle_seconds)
+        settings = self.settings
+        warm = settings.warm_max_nodes and settings.warm_window_seconds
+        if cluster.config.billing is BillingModel.PER_SECOND and not warm:
             return settings.idle_seconds
         return 0.0
 
@@ -256,6 +275,10 @@ class Hpcfleet:
         views, rules, settings = self.views, cluster.config.rules, self.settings
         index = cluster.index
         now = cluster.at(cluster.now)
+        if self.skip_idle_steps:
+            quiet = self._quiet_until(cluster, now)
+            if quiet is not None:
+                return None if quiet == math.inf else quiet
         arrivals = cluster.scheduler.recent_arrivals(settings.warm_window_seconds)
         decision = None
         for _ in range(self.PASSES):
@@ -266,6 +289,8 @@ class Hpcfleet:
                 cluster.power_on(started)
                 for i in started:
                     views[i] = _with(views[i], PowerState.RUNNING, now, views[i].drain_requested)
+                    if views[i].drain_requested:
+                        self.draining.add(i)
             for actions, drain in ((decision.drain, True), (decision.resume, False)):
                 if actions:
                     nodes = [index[a.scheduler_name] for a in actions]
@@ -273,16 +298,57 @@ class Hpcfleet:
                     for i in nodes:
                         view = views[i]
                         views[i] = _with(view, view.power, view.since, drain)
+                        (self.draining.add if drain else self.draining.discard)(i)
             if decision.power_off:
                 stopped = [index[a.scheduler_name] for a in decision.power_off]
                 cluster.power_off(stopped)
                 for i in stopped:
                     views[i] = _with(views[i], PowerState.STOPPED, now, views[i].drain_requested)
+                    self.draining.discard(i)
             if not (decision.drain or decision.resume):
                 break
         assert decision is not None
         at = decision.recheck_at
         return None if at is None else (at - cluster.origin).total_seconds()
+
+    def _quiet_until(self, cluster: Cluster, now: datetime) -> float | None:
+        """When the next decision falls due, if `decide()` would act on nothing now (None: it
+        may act, ask it).
+
+        Nodes kept off for a far reservation make the engine step on every change while the
+        queue is blocked, and `decide()` then mostly confirms that they stay off. This is that
+        case, checked against `decide()`'s own rules, only without a warm reserve or
+        `min_running`, with no node booting or draining: jobs wait for at least the idle nodes;
+        every stopped node is kept off for the reservation; no idle node kept for it may be
+        stopped. Then `decide()` returns no action and asks again a boot before the start.
+        (`tests/simulator/test_simulator_reservation.py` replays with and without this.)
+        """
+        settings = self.settings
+        assert settings is not None
+        scheduler = cluster.scheduler
+        if (
+            scheduler.pending_jobs == 0
+            or cluster.booting
+            or settings.min_running
+            or (settings.warm_max_nodes and settings.warm_window_seconds)
+        ):
+            return None
+        snapshot = scheduler.take_snapshot(with_nodes=False)
+        idle = scheduler.free_nodes
+        if demand_nodes(snapshot, settings) < idle or self.draining:
+            return None
+        held, backfill, lead, stop_held_in = held_for_reservation(
+            snapshot, now, cluster.config.rules, settings, self.views
+        )
+        stopped = len(cluster.stopped)
+        if max(min(held, stopped - backfill), 0) != stopped:
+            return None  # a stopped node is wanted now
+        if stop_held_in > 0 and held > stopped and idle:
+            return None  # an idle node kept for the reservation may go
+        if not stopped:
+            return math.inf
+        at = now + _ceil_timedelta(lead - settings.reserved_wake_seconds)
+        return (at - cluster.origin).total_seconds()
 
 
 def _with(

@@ -9,8 +9,11 @@ the first write to the last effect; then every message must have exactly one inb
 effect. Besides the rate it prints the CPU time each part spent per message (this process, the
 consumers, RabbitMQ, and PostgreSQL's backends of the run's database), which says what the rate
 would be on idle cores when other work shares the machine.
+The processes run as a service's worker does: on its event loop (`shared.eventloop`: uvloop),
+with what startup made frozen out of the garbage collector's way (`gc.freeze()`).
 Run: `.venv/bin/python tests/benchmarks/bench_outbox_e2e.py [--messages N] [--consumers N]`
-(`--profile DIR` writes cProfile stats of each process, `--uvloop` runs them on uvloop).
+(`--profile DIR` writes cProfile stats of each process, `--loop asyncio` runs them on the
+standard event loop instead, for comparison).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import os
 import pwd
 import resource
@@ -40,6 +44,7 @@ from deploy.migrations import upgrade
 from services.bakery.tables import MAILBOX as PRODUCER
 from services.pool.tables import MAILBOX as CONSUMER
 from shared.bus.rabbit import RabbitBus
+from shared import eventloop
 from shared.clock import SystemClock
 from shared.events import BuildImage, Message
 from shared.outbox import Mailbox, OutboxRelay
@@ -121,6 +126,7 @@ async def consume(url: str, exchange: str, *, prefetch: int) -> None:
     await bus.subscribe("bench", {BuildImage.name(): handle})
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    gc.freeze()  # as shared.process.run_worker does once the worker has started
     print("ready", flush=True)
     idle = cpu_seconds()
     await stop.wait()
@@ -147,8 +153,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             command = [__file__, "--consume", url, exchange, "--prefetch", str(args.prefetch)]
             if args.profile:
                 command += ["--profile", str(Path(args.profile) / f"consumer{number}.prof")]
-            if args.uvloop:
-                command.append("--uvloop")
+            command += ["--loop", args.loop]
             worker = await asyncio.create_subprocess_exec(
                 sys.executable, *command, stdout=asyncio.subprocess.PIPE
             )
@@ -160,6 +165,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         mailbox = Mailbox(PRODUCER, engine, clock)
         relay = OutboxRelay(PRODUCER, engine, bus, clock, batch=500)
         written = asyncio.Event()
+        gc.freeze()  # as the service processes do once they have started
 
         async def relay_until_done() -> None:
             while not (written.is_set() and await relay.relay() == 0):
@@ -255,25 +261,26 @@ def main() -> None:
     parser.add_argument("--consumers", type=int, default=1, help="Consumer processes.")
     parser.add_argument("--prefetch", type=int, default=256, help="Each consumer's prefetch.")
     parser.add_argument("--profile", help="Write cProfile stats of every process to this folder.")
-    parser.add_argument("--uvloop", action="store_true", help="Run every process on uvloop.")
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default=eventloop.LOOP,
+        help="The processes' event loop (default: the services', shared.eventloop.LOOP).",
+    )
     parser.add_argument("--consume", nargs=2, metavar=("URL", "EXCHANGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.uvloop:
-        import uvloop
-
-        uvloop.install()
     if args.consume:
         consuming = consume(*args.consume, prefetch=args.prefetch)
         if args.profile:
             with cProfile.Profile(time.process_time) as profile:
-                asyncio.run(consuming)
+                eventloop.run(consuming, loop=args.loop)
             profile.dump_stats(args.profile)
         else:
-            asyncio.run(consuming)
+            eventloop.run(consuming, loop=args.loop)
         return
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(run(args))
+    result = eventloop.run(run(args), loop=args.loop)
     print(
         f"outbox -> RabbitMQ -> inbox -> PostgreSQL, {result['messages']:.0f} messages,"
         f" {args.consumers} consumer process(es):"

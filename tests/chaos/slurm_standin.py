@@ -275,7 +275,11 @@ class SlurmStandIn:
         """One look at EC2: every instance of the pool, its state, and so which nodes are up.
 
         A run is told apart from the next by EC2's LaunchTime, which every start restarts: a stop
-        and a start between two looks are a reboot, not one long run."""
+        and a start between two looks are a reboot, not one long run. What the answer says held
+        at some moment between the question and the answer (on a loaded machine, a second of real
+        time is many minutes of the run's clock): an instance it shows running surely ran until
+        the question was asked, and one it does not show had stopped by the time it came."""
+        asked_at = self.clock.now().timestamp()
         pages = ec2.get_paginator("describe_instances").paginate(
             Filters=[{"Name": f"tag:{POOL_TAG}", "Values": [self.pool]}]
         )
@@ -287,7 +291,7 @@ class SlurmStandIn:
                     node_id = tags.get(NODE_TAG)
                     if node_id and item["State"]["Name"] == "running":
                         running[node_id] = (item["InstanceId"], item["LaunchTime"].timestamp())
-        seen_at = self.clock.now().timestamp()  # after the answer: what it says held by then
+        seen_at = self.clock.now().timestamp()  # after the answer
         missing = set(running) - set(self._names)
         if missing:
             await self._refresh_names(missing)
@@ -308,11 +312,11 @@ class SlurmStandIn:
         for name, (node_id, instance_id, launched) in runs.items():
             if instance_id not in self._open:
                 self._boots[instance_id] = self._boots.get(instance_id, 0) + 1
-                stretch = Stretch(name, node_id, instance_id, min(launched, seen_at), seen_at)
+                stretch = Stretch(name, node_id, instance_id, min(launched, asked_at), asked_at)
                 stretch.boot = self._boots[instance_id]
                 self._open[instance_id] = stretch
                 self.stretches.append(stretch)
-            self._open[instance_id].last_seen = seen_at
+            self._open[instance_id].last_seen = asked_at
         now = self.clock.now()
         for name in list(self._serving):  # slurmd runs from the second boot on (see the doc)
             run = runs.get(name)

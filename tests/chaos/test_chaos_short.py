@@ -63,6 +63,25 @@ def test_the_trace_slice_fits_the_fault_phase() -> None:
     assert jobs == trace_slice(SHORT.seed, budget, SHORT.max_jobs)[0]
 
 
+def test_the_soak_slice_arrives_at_a_steady_rate_over_the_whole_window() -> None:
+    """The soak's jobs arrive evenly over the whole hour (the trace's own arrivals came over
+    its first 60 %, in bursts), each with the trace's size and run time, and all fit."""
+    budget = 60 * 60 * 240.0  # make soak: an hour at x240
+    jobs, about = trace_slice(7, budget, 2000, steady=True)
+    assert about["arrivals"] == "evenly spaced" and len(jobs) > 500
+    first = jobs[0].submit
+    offsets = [job.submit - first for job in jobs]
+    assert all(offset + job.run_time <= budget for offset, job in zip(offsets, jobs, strict=True))
+    tenths = [0] * 10
+    for offset in offsets:
+        tenths[min(9, int(10 * offset / budget))] += 1
+    # every tenth of the hour gets its share; only the last loses the jobs too long to end in time
+    assert min(tenths[:9]) >= 0.9 * max(tenths) and tenths[9] >= 0.5 * max(tenths), tenths
+    assert about["arrivals_span_fraction"] > 0.95
+    by_id = {job.job_id: job for job in trace_slice(7, budget, 2000)[0]}
+    assert all(job.run_time == by_id[job.job_id].run_time for job in jobs if job.job_id in by_id)
+
+
 def test_secrets_and_tokens_are_found_in_logs(tmp_path: Path) -> None:
     log = tmp_path / "pool-worker.log"
     log.write_text(

@@ -85,3 +85,21 @@ async def test_a_failing_pass_is_logged_and_retried_not_fatal() -> None:
     assert attempts == 2
     assert loop.last_error is None
     await loop.stop()
+
+
+@pytest.mark.parametrize(("fixed_rate", "starts"), [(False, [0, 14, 28]), (True, [0, 10, 20])])
+async def test_a_fixed_rate_loop_counts_its_interval_from_the_start_of_a_pass(
+    fixed_rate: bool, starts: list[int]
+) -> None:
+    clock = ManualClock(START)
+    runs: list[datetime] = []
+
+    async def slow() -> None:  # a pass that takes 4 s, as a read of the scheduler may
+        runs.append(clock.now())
+        await clock.sleep(4)
+
+    loop = ReconcileLoop("poll", slow, interval=10, clock=clock, fixed_rate=fixed_rate)
+    loop.start()
+    await clock.run_for(29)
+    assert runs == [START + timedelta(seconds=s) for s in starts]
+    await loop.stop()

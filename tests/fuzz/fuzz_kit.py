@@ -53,6 +53,7 @@ from shared.clock import ManualClock
 from shared.cloud.fake import FakeCloud
 from shared.cloud.moto_server import MotoServer
 from shared.events import BillingModel, ImageReady, NodeProvisioned
+from shared.process import api_app
 from shared.service import Runtime, Service
 from shared.settings import Settings
 from shared.store import create_engine
@@ -109,28 +110,14 @@ def _service_app(
     guard: ApiGuard | None,
     seed: Seed | None = None,
 ) -> FastAPI:
-    """What `shared.process.service_app` builds, on this runtime, seeded once it started."""
+    """What `hpcfleet serve` builds, on this runtime, on a migrated database, seeded."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def prepare(app: FastAPI) -> None:
         await upgrade(runtime.engine)
-        await runtime.start()
-        service.start_relay()
-        try:
-            if seed is not None:
-                await seed(app)
-            yield
-        finally:
-            await service.stop()
-            await runtime.close()
+        if seed is not None:
+            await seed(app)
 
-    return create_app(
-        title=title,
-        routers=[service.router],
-        readiness=[*runtime.readiness(), *service.readiness],
-        lifespan=lifespan,
-        guard=guard,
-    )
+    return api_app(title, runtime, service, guard, prepare=prepare)
 
 
 def _runtime(database_url: str, clock: ManualClock, **settings: object) -> Runtime:

@@ -207,16 +207,21 @@ def test_the_shortcuts_change_no_decision(
     shortcuts_change_nothing(jobs, billing, policy)
 
 
-@pytest.mark.xfail(
-    reason="known bug, not fixed yet: with the warm reserve on, decide()'s recheck_at can miss "
-    "the moment an idle node's turn to go comes (hypothesis: jobs at 0 s and 361 s; second by "
-    "second a node goes at 360 s, with the shortcuts it stays to 362 s)",
-    strict=False,
-)
 @PROPERTIES
 @given(traces, st.sampled_from(list(BillingModel)))
 def test_the_shortcuts_change_no_warm_decision(jobs: list[SwfJob], billing: BillingModel) -> None:
     shortcuts_change_nothing(jobs, billing, "hpcfleet-warm")
+
+
+def test_a_node_freed_pushes_a_longer_idle_one_out_of_the_warm_reserve_in_time() -> None:
+    # the case hypothesis found: the job at 0 s started two nodes (one for it, one warm); when
+    # it ends at 61 s the node it ran on is the most lately idle, so it becomes the reserve, and
+    # the other (idle since 60 s) is due at 60 + 300 s. The engine must not wait 300 s from the
+    # completion to show it to the policy, as it may without a reserve.
+    jobs = [job(1, 0, 1), job(2, 361, 1)]
+    result = replay(jobs, "hpcfleet-warm", nodes=4)
+    assert (0.0, 60.0, 360.0) in [interval[1:] for interval in result.intervals]
+    shortcuts_change_nothing(jobs, PER_SECOND, "hpcfleet-warm")
 
 
 def shortcuts_change_nothing(jobs: list[SwfJob], billing: BillingModel, policy: str) -> None:

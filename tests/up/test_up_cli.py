@@ -39,6 +39,32 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def test_help_says_all_it_does(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*HPCFLEET, "up", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for part in (
+        "in-memory bus",
+        "SQLite file",
+        "moto server as AWS",
+        "development identity provider standing in for AD FS",
+        "real AD FS client code",
+        "simulated scheduler replaying a real trace",
+        "--postgres",
+        "--rabbitmq",
+        "--port",
+        "/docs",
+    ):
+        assert part in text, part
+
+
 def test_a_taken_port(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
