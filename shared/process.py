@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.api import ApiGuard, create_app
 from shared import eventloop
+from shared.api import ApiGuard, create_app
 from shared.clock import Clock, ScaledClock, SystemClock
 from shared.logs import configure_logging
 from shared.service import Runtime, Service

@@ -3,16 +3,27 @@
 Tables are SQLAlchemy Core tables on the one `metadata` below, each named with its owning service's
 prefix (`pool_nodes`, `bakery_builds`, ...): no service reads another's tables. The schema is made
 by alembic migrations (`deploy/migrations`), never by `create_all` outside tests.
+
+A PostgreSQL restart closes every pooled connection. SQLAlchemy's `pool_pre_ping` would find that
+out with three round trips (BEGIN, a query, ROLLBACK) at every checkout, more than a small
+transaction's own work; instead a checkout asks asyncpg whether the server has closed the
+connection (no round trip: the event loop has already read the close), and pings only a
+connection that sat idle in the pool for longer than `IDLE_PING_AFTER` (a link that died without
+a word, behind a firewall). A connection the server drops while it is in use fails that one
+statement; SQLAlchemy then invalidates it and every other connection the pool held at the time,
+so the caller's retry (a redelivery, the next pass of a loop) runs on a new one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect, MetaData, Table, TypeDecorator, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -72,7 +83,34 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+    _check_connections_at_checkout(engine)
+    return engine
+
+
+IDLE_PING_AFTER = 30.0  # seconds a pooled PostgreSQL connection may idle before a checkout pings it
+
+
+def _check_connections_at_checkout(engine: AsyncEngine) -> None:
+    """Hand out no connection the server has closed (see the module docstring)."""
+    pool = engine.sync_engine.pool
+    dialect = engine.dialect
+
+    @event.listens_for(pool, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["hpcfleet_idle_since"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            # The pool discards it and tries a new connection.
+            raise sa_exc.DisconnectionError("the server closed the connection")
+        idle_since = record.info.pop("hpcfleet_idle_since", None)
+        if idle_since is not None and time.monotonic() - idle_since > IDLE_PING_AFTER:
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise sa_exc.DisconnectionError(f"a ping failed: {exc!r}") from exc
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[Any]:

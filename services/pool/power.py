@@ -93,7 +93,14 @@ def old_reason(spec: PoolSpec, node: Node, now: datetime) -> RetireReason | None
 
 
 class PowerDesk:
-    """Handles the power commands; `kick` runs the reconcile pass after one was acted on."""
+    """Handles the power commands; `kick` runs the reconcile pass after one left it work.
+
+    A PowerOn that only started nodes (or found them starting or running) leaves the pass nothing
+    to do until EC2 says running, tens of seconds later on EC2: its periodic pass reports that,
+    with EC2's time. Kicking it at once would only describe the whole pool again (and once more
+    for the follow-up), whose answer this process parses for longer than a start takes (some
+    100 ms for 50 instances), while the next PowerOn waits. Every other command kicks it: a
+    stop, a termination (its replacement), a refusal (a node gone, say)."""
 
     def __init__(
         self,
@@ -130,19 +137,26 @@ class PowerDesk:
             if node_id in rows:
                 by_pool[rows[node_id].pool].append(node_id)
         unknown = {n: "unknown node: not in any pool" for n in message.node_ids if n not in rows}
+        started_only = True
         for pool in sorted(by_pool):
             async with self.locks.hold(pool, wait=self.lock_wait):
-                for node_id in await self._pool(pool, message, by_pool[pool]):
-                    unknown[node_id] = "no longer in the pool: its instance is gone"
+                forgotten, decisions = await self._pool(pool, message, by_pool[pool])
+            for node_id in forgotten:
+                unknown[node_id] = "no longer in the pool: its instance is gone"
+            started_only &= all(d.refusal is None and d.verb in (None, "start") for d in decisions)
         async with self.mailbox.handle_once(self.consumer, message) as tx:
             if tx is None:
                 return
             for node_id, why in unknown.items():
                 tx.emit(_refused(message, node_id, None, why, tx.now))
-        self.kick()
+        if not (isinstance(message, PowerOn) and started_only and not unknown):
+            self.kick()
 
-    async def _pool(self, pool: str, message: PowerOn | PowerOff, node_ids: list[str]) -> list[str]:
-        """Act on the nodes of one pool; returns those forgotten since the command arrived."""
+    async def _pool(
+        self, pool: str, message: PowerOn | PowerOff, node_ids: list[str]
+    ) -> tuple[list[str], list[_Decision]]:
+        """Act on the nodes of one pool; returns those forgotten since the command arrived, and
+        what was decided for the others."""
         now = self.mailbox.clock.now()
         async with self.mailbox.engine.connect() as conn:
             spec = await load_spec(conn, pool)
@@ -173,7 +187,7 @@ class PowerDesk:
                 redone = {d.node.record.node_id: d for d in await self._act(redo)}
                 decisions = [redone.get(d.node.record.node_id, d) for d in decisions]
         await self._record(message, decisions)
-        return [n for n in node_ids if n not in rows]
+        return [n for n in node_ids if n not in rows], decisions
 
     async def _observe(self, targets: Sequence[Node]) -> dict[str, Observed]:
         assert self.ec2 is not None
@@ -220,6 +234,10 @@ class PowerDesk:
                 if d.refusal is not None:
                     tx.emit(_refused(message, node.record.node_id, name, d.refusal, tx.now))
                     continue
+                if d.verb in ("stop", "terminate") and _unannounced_run(node, d):
+                    # started, and stopped before any pass saw it running: EC2 billed that run
+                    assert d.since is not None
+                    tx.emit(_power(message, node, PowerState.RUNNING, d.since, bill, tx.now))
                 if d.verb == "terminate":
                     changes.append(
                         {
@@ -255,6 +273,17 @@ class PowerDesk:
 
 Observed = tuple[NodeState, datetime | None]
 """An instance's state and since when, as EC2 said or as its row says."""
+
+
+def _unannounced_run(node: Node, decision: _Decision) -> bool:
+    """Whether EC2 shows the node running while its row never said so (a PowerOn recorded it
+    starting, and no pass has seen it running since): the run must be announced before the stop
+    that ends it, or its billing is never opened."""
+    return (
+        decision.state is NodeState.RUNNING
+        and decision.since is not None
+        and node.record.state is not NodeState.RUNNING
+    )
 
 
 def _startable(message: PowerOn | PowerOff, node: Node) -> bool:
@@ -345,9 +374,9 @@ def _decide(
             decisions.append(_Decision(node, None, refusal=why))
         elif old is not None and available - 1 >= floor:
             available -= 1
-            decisions.append(_Decision(node, "terminate", reason=old))
+            decisions.append(_Decision(node, "terminate", state, since, reason=old))
         else:
-            decisions.append(_Decision(node, "stop"))
+            decisions.append(_Decision(node, "stop", state, since))  # as EC2 says: running
     return decisions
 
 

@@ -43,8 +43,8 @@ import services.registry  # noqa: F401
 from deploy.migrations import upgrade
 from services.bakery.tables import MAILBOX as PRODUCER
 from services.pool.tables import MAILBOX as CONSUMER
-from shared.bus.rabbit import RabbitBus
 from shared import eventloop
+from shared.bus.rabbit import RabbitBus
 from shared.clock import SystemClock
 from shared.events import BuildImage, Message
 from shared.outbox import Mailbox, OutboxRelay

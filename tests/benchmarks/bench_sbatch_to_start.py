@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from distributed_kit import Deployment, Plan, deployed
 
 import services.registry  # noqa: F401  (every table joins the metadata)
 from deploy.migrations import upgrade
-from services.autogrow.tables import MAILBOX
+from services.autogrow.tables import MAILBOX, decisions
 from shared.cloud.moto_server import MotoServer
 from shared.store import create_engine
 from shared.testing.slurm_cluster import SlurmCluster
@@ -196,35 +197,53 @@ async def route_path(deployment: Deployment, moto: MotoServer, jobs: int) -> lis
     return latencies
 
 
-async def breakdown(url: str, samples: list[Sample]) -> list[tuple[float, float, float]]:
-    """Each sample split at autogrow's PowerOn: (path start -> PowerOn committed to autogrow's
-    outbox, -> published to RabbitMQ by the relay, -> StartInstances at EC2), seconds."""
+STAGES = (
+    "-> read or called",
+    "-> PowerOn in outbox",
+    "-> published",
+    "-> EC2",
+)
+"""The stages a sample is split into (seconds each, in `breakdown`): until autogrow's read of the
+queue that saw the job began (polling; the wait for the poll) or its hook route began deciding
+(hook: the hook program, auth and the route's start); then until the PowerOn was committed to
+autogrow's outbox (the read and the decision; the hook's decision); then until the relay
+published it to RabbitMQ; then until StartInstances reached EC2 (the bus and the pool)."""
+
+
+async def breakdown(url: str, samples: list[Sample]) -> list[tuple[float, ...]]:
+    """Each sample split at the `STAGES`, seconds."""
     engine = create_engine(url)
+    outbox = MAILBOX.outbox
     try:
         async with engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(MAILBOX.outbox.c.created_at, MAILBOX.outbox.c.published_at)
-                    .where(MAILBOX.outbox.c.name == "PowerOn")
-                    .order_by(MAILBOX.outbox.c.id)
+                    select(
+                        outbox.c.created_at,
+                        outbox.c.published_at,
+                        decisions.c.decided_at,
+                        decisions.c.inputs,
+                    )
+                    .join(decisions, decisions.c.decision_id == outbox.c.correlation_id)
+                    .where(outbox.c.name == "PowerOn")
+                    .order_by(outbox.c.id)
                 )
             ).all()
     finally:
         await engine.dispose()
     rows = rows[len(rows) - len(samples) :]  # the measured ones come last, one per sample
-    return [
-        (
-            row.created_at.timestamp() - began,
-            row.published_at.timestamp() - row.created_at.timestamp(),
-            started - row.published_at.timestamp(),
-        )
-        for (began, started), row in zip(samples, rows, strict=True)
-    ]
+    split = []
+    for (began, started), row in zip(samples, rows, strict=True):
+        taken = row.inputs.get("snapshot_taken_at")  # a policy decision: the read it was made on
+        read = datetime.fromisoformat(taken).timestamp() if taken else row.decided_at.timestamp()
+        created, published = row.created_at.timestamp(), row.published_at.timestamp()
+        split.append((read - began, created - read, published - created, started - published))
+    return split
 
 
 async def measure(
     path: str, jobs: int, poll: float, pool_interval: float, workdir: Path
-) -> tuple[list[Sample], list[tuple[float, float, float]], dict[str, float]]:
+) -> tuple[list[Sample], list[tuple[float, ...]], dict[str, float]]:
     size = jobs + WARM_UP
     hooked = path == "hook"
     plan = Plan.make(workdir)
@@ -309,7 +328,7 @@ def main() -> None:
             + f"; load average after {load} (2 cores)"
         )
         print(f"  latencies (ms): {', '.join(f'{v:.0f}' for v in ms)}")
-        for name, index in (("-> PowerOn in outbox", 0), ("-> published", 1), ("-> EC2", 2)):
+        for index, name in enumerate(STAGES):
             part = [1000 * stage[index] for stage in stages]
             print(
                 f"  {name:22} median {statistics.median(part):6.0f} ms, "

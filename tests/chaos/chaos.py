@@ -1349,7 +1349,10 @@ class Checker:
         )
 
     async def pool_converged(self) -> Invariant:
-        problem = await self.run.pool_problem()
+        # autogrow may still be powering off the nodes the last jobs left idle: a stop in flight
+        # is not a failure, a pool that does not settle within a minute is
+        settled = await wait_for(self.run.pool_converged, 60, every=0.5)
+        problem = None if settled is not None else await self.run.pool_problem()
         newest = await self.run.newest_image()
         images = await self.db.value("SELECT count(*) FROM bakery_images")
         self.numbers["images_baked"] = images

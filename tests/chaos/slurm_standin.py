@@ -312,11 +312,13 @@ class SlurmStandIn:
         for name, (node_id, instance_id, launched) in runs.items():
             if instance_id not in self._open:
                 self._boots[instance_id] = self._boots.get(instance_id, 0) + 1
-                stretch = Stretch(name, node_id, instance_id, min(launched, asked_at), asked_at)
+                start = min(launched, seen_at)  # launched after the question, maybe: not before
+                stretch = Stretch(name, node_id, instance_id, start, max(start, asked_at))
                 stretch.boot = self._boots[instance_id]
                 self._open[instance_id] = stretch
                 self.stretches.append(stretch)
-            self._open[instance_id].last_seen = asked_at
+            stretch = self._open[instance_id]
+            stretch.last_seen = max(stretch.start, asked_at)
         now = self.clock.now()
         for name in list(self._serving):  # slurmd runs from the second boot on (see the doc)
             run = runs.get(name)

@@ -11,7 +11,14 @@ from pathlib import Path
 from pool_service_kit import harness, pool_spec
 
 from shared.cloud import InstanceState
-from shared.events import BillingModel, NodePowerChanged, NodeProvisioned, PowerState
+from shared.events import (
+    BillingModel,
+    NodePowerChanged,
+    NodeProvisioned,
+    PowerOff,
+    PowerOn,
+    PowerState,
+)
 
 
 async def test_a_new_node_s_first_boot_is_announced_from_its_start_to_its_stop(
@@ -65,3 +72,26 @@ async def test_a_boot_that_never_finishes_is_ended_by_the_termination(tmp_path: 
     opened = {m.node_id for m in boots if m.state is PowerState.RUNNING}
     ended = {m.node_id for m in boots if m.state is not PowerState.RUNNING}
     assert opened == ended
+
+
+async def test_a_run_stopped_before_any_pass_saw_it_running_is_announced(tmp_path: Path) -> None:
+    """A PowerOn records the node starting; if the PowerOff comes before a pass saw it running
+    (a pass failed, the worker restarted: chaos seed 7 on a loaded machine), the stop must still
+    say that it ran, or that run is never billed."""
+    async with harness(tmp_path, spec=pool_spec(size=1)) as h:
+        await h.image_ready("ami-1")
+        await h.run(12, lambda: h.warm("ami-1"))
+        (node,) = await h.rows()
+        await h.power(PowerOn, node.node_id)
+        h.clock.advance(60)  # running in EC2 after 20 s; no pass looked
+        stop_asked = h.clock.now()
+        await h.power(PowerOff, node.node_id)
+        (instance,) = [i for i in h.cloud.instances() if i.instance_id == node.instance_id]
+
+    told = [m for m in h.heard_of(NodePowerChanged) if not m.provisioning]
+    assert [(m.state, m.since) for m in told] == [
+        (PowerState.STARTING, stop_asked - timedelta(seconds=60)),
+        (PowerState.RUNNING, stop_asked - timedelta(seconds=40)),  # when EC2 says it ran
+        (PowerState.STOPPING, stop_asked),
+    ]
+    assert instance.state in (InstanceState.STOPPING, InstanceState.STOPPED)

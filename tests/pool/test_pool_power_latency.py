@@ -14,7 +14,7 @@ from pool_service_kit import START, Harness, Placements, harness, pool_spec
 from services.pool.plan import NodeState
 from shared.clock import ManualClock
 from shared.cloud import Instance, InstanceState
-from shared.events import NodePowerChanged, PowerOn, PowerRefused, PowerState
+from shared.events import NodePowerChanged, PowerOff, PowerOn, PowerRefused, PowerState
 
 
 class SlowDescribe(Placements):
@@ -150,3 +150,25 @@ async def test_a_pass_that_acts_in_ec2_looks_again_under_the_lock(tmp_path: Path
         await h.tick()  # the roll starts: a launch
         assert "run_instances" in ops(h, mark)
         assert pool_describes(mark) == 2
+
+
+async def test_only_a_command_that_leaves_the_pass_work_kicks_it(tmp_path: Path) -> None:
+    """A start leaves the pass nothing until EC2 says running; its periodic pass reports that.
+    A stop, a termination or a refusal may leave it work: those kick it at once."""
+    async with harness(tmp_path, spec=pool_spec(size=2)) as h:
+        await h.image_ready("ami-1")
+        await h.run(12, lambda: h.warm("ami-1"))
+        first = (await h.rows())[0]
+        kicks: list[str] = []
+        h.pool.desk.kick = lambda: kicks.append("kick")
+
+        await h.power(PowerOn, first.node_id)
+        await h.power(PowerOn, first.node_id)  # again: only reported
+        assert kicks == []
+        await h.power(PowerOn, "hpc-nonexistent")
+        assert kicks == ["kick"]
+
+        await h.tick(20)  # the periodic pass: running
+        assert powered(h, first.node_id)[-1] is PowerState.RUNNING
+        await h.power(PowerOff, first.node_id)
+        assert kicks == ["kick", "kick"]
