@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from deploy.migrations import upgrade
 from services.autogrow.billing import BillingRules
 from services.autogrow.cluster import SimulatedCluster
+from services.autogrow.policy import PolicySettings
 from services.autogrow.service import Autogrow, assemble
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.simulated import SimulatedScheduler
@@ -43,6 +44,18 @@ from shared.settings import Settings
 from shared.store import create_engine
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+NAMES = [f"node{i:03d}" for i in range(1, 5)]
+
+
+def settings(**policy: object) -> AutogrowSettings:
+    """The simulated scheduler polled every 2 s, nodes idle 120 s go; `policy` overrides knobs."""
+    return AutogrowSettings(
+        scheduler="simulated",
+        poll_interval=2.0,
+        policy=PolicySettings.model_validate({"idle_seconds": 120.0, **policy}),
+    )
+
+
 REVISION = "head"
 
 
@@ -250,3 +263,10 @@ def swf_job(job_id: int, submit: int, run_time: int, procs: int) -> SwfJob:
 
 def node_ids(commands: Sequence[PowerOn | PowerOff], kind: type[PowerOn | PowerOff]) -> list[str]:
     return [n for c in commands if isinstance(c, kind) for n in c.node_ids]
+
+
+async def provision_all(h: Harness) -> None:
+    """Every node of NAMES provisioned by the pool stand-in, and the service caught up."""
+    for i, name in enumerate(NAMES, start=1):
+        await h.pool.provision(f"n{i}", name)
+    await h.settle()

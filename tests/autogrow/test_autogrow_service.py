@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 from autogrow_kit import (
+    NAMES,
     START,
-    Harness,
     autogrow_engine,
     harness,
     node_ids,
+    provision_all,
+    settings,
     simulated,
     swf_job,
 )
 from sqlalchemy import select
 
-from services.autogrow.policy import PolicySettings
 from services.autogrow.service import assemble, make_scheduler
 from services.autogrow.settings import AutogrowSettings
 from services.autogrow.tables import decisions, nodes
@@ -43,26 +44,10 @@ from shared.scheduler import QueueSnapshot
 from shared.service import Runtime
 from shared.settings import Settings
 
-NAMES = [f"node{i:03d}" for i in range(1, 5)]
-
-
-def settings(**policy: object) -> AutogrowSettings:
-    return AutogrowSettings(
-        scheduler="simulated",
-        poll_interval=2.0,
-        policy=PolicySettings.model_validate({"idle_seconds": 120.0, **policy}),
-    )
-
 
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
-
-
-async def provision_all(h: Harness) -> None:
-    for i, name in enumerate(NAMES, start=1):
-        await h.pool.provision(f"n{i}", name)
-    await h.settle()
 
 
 async def test_the_watcher_publishes_the_queue_only_when_it_changed(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autogrow_kit import START, Harness, harness, swf_job
+from autogrow_kit import NAMES, START, Harness, harness, provision_all, settings, swf_job
 from sqlalchemy import select
 
 from services.autogrow.decisions import RecentArrivals
@@ -22,7 +22,6 @@ from shared.clock import ManualClock
 from shared.events import PowerOff, PowerOn
 from shared.scheduler import JobSubmission, QueueSnapshot
 
-NAMES = [f"node{i:03d}" for i in range(1, 5)]
 WARM: dict[str, Any] = {
     "warm_window_seconds": 600.0,
     "warm_max_nodes": 2,
@@ -33,23 +32,9 @@ WARM: dict[str, Any] = {
 JOBS = [swf_job(1, 0, 60, 1)]
 
 
-def settings(**policy: Any) -> AutogrowSettings:
-    return AutogrowSettings(
-        scheduler="simulated",
-        poll_interval=2.0,
-        policy=PolicySettings.model_validate({"idle_seconds": 120.0, **policy}),
-    )
-
-
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)
-
-
-async def provision_all(h: Harness) -> None:
-    for i, name in enumerate(NAMES, start=1):
-        await h.pool.provision(f"n{i}", name)
-    await h.settle()
 
 
 async def recorded(h: Harness) -> list[dict[str, Any]]:
